@@ -38,6 +38,7 @@ def _check_inputs(x, weight, n_fft) -> None:
     if weight.is_complex():
         check_tensor(_OP, "weight", weight, shape=(n_freq, d), dtypes=_COMPLEX, device=x.device)
     else:
+        check_tensor(_OP, "weight", weight, dtypes=_REAL + _COMPLEX)
         if weight.dim() != 3:
             raise ValueError(
                 f"{_OP}: weight must be complex ({n_freq}, {d}) or its real view ({n_freq}, {d}, 2) "

@@ -57,4 +57,8 @@ def fft_filter(x: torch.Tensor, weight: torch.Tensor, n_fft: int, backend: str =
     _check_inputs(x, weight, n_fft)
     if resolve_backend(backend, _OP, x, weight) == "torch":
         return fft_filter_reference(x, weight, n_fft)
-    raise NotImplementedError(f"{_OP}: backend='triton' is not implemented yet")
+    from .function import fft_filter_triton, triton_supports  # imports triton only when asked
+
+    if not triton_supports(x, weight, n_fft):  # beyond the kernel's size limit, or float64
+        return fft_filter_reference(x, weight, n_fft)
+    return fft_filter_triton(x, weight, n_fft)

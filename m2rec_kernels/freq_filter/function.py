@@ -1,0 +1,131 @@
+"""Host side of the Triton FFT filter: launch wrapper and the autograd Function (DESIGN §9).
+
+Backward reuses the forward kernel. With G = rfft_ortho(dy) (the kernel's phase-1 spectrum of dy):
+    dx = irfft_ortho(G · conj(W))            (the same filter with the conjugate weight)
+    dW = c_f · Σ_b conj(X_b) · G_b           (X_b: the forward spectrum, kept from the forward pass)
+The kernel writes c_f·conj(X_b)·G_b per batch row; the sum over the batch is a deterministic torch sum.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from .._backend import triton_interpreter_enabled
+from .dft import dft_matrices
+from .kernels import dft_filter_kernel
+
+# Above this transform length the dense DFT (O(L·n_fft) per channel and a (n_fft/2+1)·L matrix per
+# direction) stops paying against torch.fft's O(n log n), and the matrices (~4·L·n_fft/2 fp32 values,
+# 2 MiB at 512/1024) outgrow L2-friendly sizes: the public op falls back to torch.fft beyond it.
+MAX_N_FFT = 1024
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_supports(x: torch.Tensor, weight: torch.Tensor, n_fft: int) -> bool:
+    """Whether the Triton kernel handles these inputs; otherwise the public op uses torch.fft.
+    (n_fft <= MAX_N_FFT; x fp32/fp16/bf16; weight not double precision.)"""
+    return (
+        n_fft <= MAX_N_FFT
+        and x.dtype in KERNEL_DTYPES
+        and weight.dtype not in (torch.float64, torch.complex128)
+    )
+
+
+def _pow2_clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(v, 1))))
+
+
+def _tiles(L: int, n_freq: int, d: int) -> dict:
+    # every tl.dot dimension >= 16 and a power of two; edges are masked in the kernel
+    return dict(
+        BLOCK_T=_pow2_clamp(L, 16, 64),
+        BLOCK_F=_pow2_clamp(n_freq, 16, 64),
+        BLOCK_D=_pow2_clamp(d, 16, 64 if triton_interpreter_enabled() else 32),
+        num_warps=4,
+    )
+
+
+def _precision(x: torch.Tensor) -> str:
+    # fp32 tl.dot is TF32 on NVIDIA unless told otherwise: follow torch's matmul flag, default exact
+    return "tf32" if x.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def weight_real_view(weight: torch.Tensor) -> torch.Tensor:
+    """Weight as a real (F, d, 2) fp32 tensor the kernel reads (complex64 -> its real view)."""
+    if weight.is_complex():
+        return torch.view_as_real(weight.to(torch.complex64))
+    return weight.to(torch.float32)
+
+
+def launch_dft_filter(
+    x: torch.Tensor,
+    w_real: torch.Tensor,
+    n_fft: int,
+    *,
+    conj_weight: bool = False,
+    saved_spectrum: Optional[torch.Tensor] = None,
+    write_y: bool = True,
+) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """Run the kernel on x (B, L, d). Returns (y or None, spectrum (B, 2, F, d) fp32,
+    per-row weight gradient (B, F, d, 2) fp32 or None — the latter when ``saved_spectrum`` is given)."""
+    B, L, d = x.shape
+    n_freq = n_fft // 2 + 1
+    mats = dft_matrices(L, n_fft, x.device)
+    spec = torch.empty(B, 2, n_freq, d, device=x.device, dtype=torch.float32)
+    y = torch.empty(B, L, d, device=x.device, dtype=x.dtype) if write_y else None
+    with_dw = saved_spectrum is not None
+    dw = torch.empty(B, n_freq, d, 2, device=x.device, dtype=torch.float32) if with_dw else None
+    if B == 0 or d == 0:
+        if with_dw:
+            dw.zero_()
+        return y, spec, dw
+    tiles = _tiles(L, n_freq, d)
+    grid = (B, triton.cdiv(d, tiles["BLOCK_D"]))
+    y_arg = y if write_y else x
+    dft_filter_kernel[grid](
+        x, w_real, y_arg, spec, saved_spectrum if with_dw else spec, dw if with_dw else spec,
+        mats.cr, mats.ci, mats.ar, mats.ai,
+        L, d, n_freq, n_fft,
+        x.stride(0), x.stride(1), x.stride(2),
+        w_real.stride(0), w_real.stride(1), w_real.stride(2),
+        y_arg.stride(0), y_arg.stride(1), y_arg.stride(2),
+        CONJ_W=conj_weight, WITH_DW=with_dw, WRITE_Y=write_y, PRECISION=_precision(x),
+        **tiles,
+    )
+    return y, spec, dw
+
+
+class FFTFilterTriton(torch.autograd.Function):
+    """y = fft_filter(x, weight, n_fft) through the dense-DFT kernel; gradients for x and weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, n_fft: int) -> torch.Tensor:
+        w_real = weight_real_view(weight)
+        y, spec, _ = launch_dft_filter(x, w_real, n_fft)
+        ctx.save_for_backward(spec, w_real)
+        ctx.n_fft = n_fft
+        ctx.weight_dtype = weight.dtype
+        ctx.weight_is_complex = weight.is_complex()
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        spec, w_real = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dx or need_dw):
+            return None, None, None
+        dx, _, dw_rows = launch_dft_filter(
+            grad_y, w_real, ctx.n_fft, conj_weight=True,
+            saved_spectrum=spec if need_dw else None, write_y=need_dx,
+        )
+        dw = None
+        if need_dw:
+            dw = dw_rows.sum(dim=0)  # deterministic reduction over the batch
+            dw = torch.view_as_complex(dw).to(ctx.weight_dtype) if ctx.weight_is_complex else dw.to(ctx.weight_dtype)
+        return dx, dw, None
+
+
+def fft_filter_triton(x: torch.Tensor, weight: torch.Tensor, n_fft: int) -> torch.Tensor:
+    return FFTFilterTriton.apply(x, weight, n_fft)

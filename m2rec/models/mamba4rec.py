@@ -1,0 +1,112 @@
+"""Mamba4Rec (Liu et al. 2024), structured as chengkai-liu/Mamba4Rec ``mamba4rec.py``:
+
+    h0 = LayerNorm(dropout(E[item]))
+    layer: m = Mamba(h);  h' = LayerNorm(dropout(m))        (n_layers == 1: no residual, as the original)
+                          h' = LayerNorm(dropout(m) + h)    (n_layers > 1)
+           h = LayerNorm(h' + dropout(W2 · dropout(GELU(W1 · h'))))
+
+The Mamba block is either the real ``mamba_ssm.Mamba`` (the peer a user would run on CUDA) or this
+package's ``MambaMixer``; both share one set of parameters with identical names, so the state_dict and
+the results do not depend on which one runs. ``impl``:
+
+* ``"mixer"``: always ``MambaMixer`` (scan backend from ``backend``);
+* ``"mamba_ssm"``: always the real ``mamba_ssm.Mamba`` (on CPU through the reference-scan shim of
+  ``m2rec.mamba_ssm_compat``; raises if mamba_ssm is not importable);
+* ``"auto"``: the real one for CUDA tensors when its CUDA scan is installed, ``MambaMixer`` otherwise.
+
+``mamba_impl`` tells which one runs for the model's current device.
+
+Initialisation follows the original: RecBole's N(0, 0.02) re-initialisation is applied to every Linear,
+including those inside Mamba, and — unlike mamba_ssm's own initialiser — it zeroes dt_proj's bias too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers import LAYER_NORM_EPS, FeedForward, MambaMixer
+from ..mamba_ssm_compat import import_mamba_ssm
+from .base import SequentialRecommender, check_dropout, init_recbole_weights
+
+MAMBA_IMPLS = ("auto", "mamba_ssm", "mixer")
+
+
+class Mamba4RecLayer(nn.Module):
+    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, dropout: float,
+                 residual: bool, impl: str, backend: str):
+        super().__init__()
+        self.residual, self.impl = residual, impl
+        self.mamba = MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
+        self.ffn = FeedForward(d_model, 4 * d_model, dropout=dropout, activation_dropout=True)
+        self._real = None  # mamba_ssm.Mamba sharing self.mamba's parameters; built on first use
+
+    def uses_mamba_ssm(self, device: torch.device) -> bool:
+        if self.impl == "mixer":
+            return False
+        if self.impl == "mamba_ssm":
+            return True
+        return device.type == "cuda" and import_mamba_ssm()[1] == "cuda"
+
+    def _real_mamba(self) -> nn.Module:
+        mamba_ssm, how = import_mamba_ssm()
+        if mamba_ssm is None:
+            raise RuntimeError(f"Mamba4Rec: impl='mamba_ssm' but mamba_ssm is not importable: {how}")
+        if self._real is None:
+            mix = self.mamba
+            with torch.random.fork_rng(devices=[]):  # its own random init is discarded: keep the RNG stream
+                real = mamba_ssm.Mamba(mix.d_model, d_state=mix.d_state, d_conv=mix.d_conv, expand=mix.expand,
+                                       dt_rank=mix.dt_rank)
+            object.__setattr__(self, "_real", real)  # not a submodule: its parameters are self.mamba's
+        # (Re-)tie on every use, so a conversion that replaced the Parameter objects cannot untie them.
+        for name, p in self.mamba.named_parameters():
+            owner, _, attr = name.rpartition(".")
+            setattr(self._real.get_submodule(owner) if owner else self._real, attr, p)
+        return self._real
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.uses_mamba_ssm(h.device):
+            if h.device.type != "cuda" and import_mamba_ssm()[1] == "cuda":
+                raise RuntimeError("Mamba4Rec: mamba_ssm's CUDA scan cannot run on CPU tensors; use impl='mixer'")
+            m = self._real_mamba()(h)
+        else:
+            m = self.mamba(h)
+        m = self.dropout(m)
+        h = self.layer_norm(m + h if self.residual else m)
+        return self.ffn(h)
+
+
+class Mamba4Rec(SequentialRecommender):
+    def __init__(self, n_items: int, d_model: int = 64, n_layers: int = 1, d_state: int = 32, d_conv: int = 4,
+                 expand: int = 2, max_len: int = 200, dropout: float = 0.2, impl: str = "auto",
+                 backend: str = "auto"):
+        super().__init__(n_items, d_model, max_len)
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(f"Mamba4Rec: n_layers must be a positive int, got {n_layers!r}")
+        if impl not in MAMBA_IMPLS:
+            raise ValueError(f"Mamba4Rec: impl must be one of {MAMBA_IMPLS}, got {impl!r}")
+        if impl == "mamba_ssm" and import_mamba_ssm()[0] is None:
+            raise RuntimeError(f"Mamba4Rec: impl='mamba_ssm' but mamba_ssm is not importable: {import_mamba_ssm()[1]}")
+        dropout = check_dropout("Mamba4Rec", dropout)
+        self.impl, self.causal = impl, True
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.embedding_norm = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
+        self.layers = nn.ModuleList(
+            Mamba4RecLayer(d_model, d_state, d_conv, expand, dropout, residual=n_layers > 1, impl=impl,
+                           backend=backend)
+            for _ in range(n_layers)
+        )
+        init_recbole_weights(self, respect_no_reinit=False)
+
+    @property
+    def mamba_impl(self) -> str:
+        """"mamba_ssm" or "mixer": the Mamba implementation used for the model's current device."""
+        return "mamba_ssm" if self.layers[0].uses_mamba_ssm(self.item_embedding.weight.device) else "mixer"
+
+    def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = self.embedding_norm(self.embedding_dropout(self.item_embedding(item_seq)))
+        for layer in self.layers:
+            h = layer(h)
+        return h

@@ -1,0 +1,147 @@
+"""Autograd function and host wrappers for the gated fusion Triton kernels (``kernels.py``)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import triton
+
+from .._backend import triton_interpreter_enabled
+from .kernels import _gated_fusion_bwd_kernel, _gated_fusion_fwd_kernel
+
+# A tile holds BLOCK_M rows of the padded width in registers for each of the k + 1 inputs; beyond
+# this width the row no longer fits and the public op must use the torch backend.
+MAX_FUSED_DIM = 8192
+
+
+def _block_sizes(d: int):
+    block_d = triton.next_power_of_2(d)
+    if block_d > MAX_FUSED_DIM:
+        raise ValueError(
+            f"gated_fusion: backend='triton' supports d <= {MAX_FUSED_DIM} (one row per tile), got d = {d}; "
+            "use backend='torch'"
+        )
+    # about 4K fp32 elements per input tile; at least one row, at most 16
+    block_m = max(1, min(16, 4096 // block_d))
+    num_warps = 4 if block_d * block_m <= 4096 else 8
+    return block_m, block_d, num_warps
+
+
+def _draw_seed() -> int:
+    # from torch's global CPU generator, so torch.manual_seed makes runs repeatable (no device sync)
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def gated_fusion_forward(branches: List[torch.Tensor], residual, gate_weight, gate_bias, ln_weight, ln_bias,
+                         eps: float, dropout_p: float, seed: int):
+    """Launch the forward kernel on contiguous inputs. Returns out (input shape/dtype) and the fp32
+    saved tensors alpha (M, k), mean (M,), rstd (M,) with M = batch * L."""
+    k = len(branches)
+    d = residual.shape[-1]
+    m = residual.numel() // d
+    block_m, block_d, num_warps = _block_sizes(d)
+    xs = [b.reshape(m, d) for b in branches]
+    out = torch.empty_like(residual)
+    alpha = torch.empty(m, k, device=residual.device, dtype=torch.float32)
+    mean = torch.empty(m, device=residual.device, dtype=torch.float32)
+    rstd = torch.empty(m, device=residual.device, dtype=torch.float32)
+    has_dropout = dropout_p > 0.0
+    grid = (triton.cdiv(m, block_m),)
+    _gated_fusion_fwd_kernel[grid](
+        xs[0], xs[1], xs[2] if k == 3 else xs[0], residual.reshape(m, d),
+        gate_weight, gate_bias, ln_weight, ln_bias,
+        out, alpha, mean, rstd,
+        m, d, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+        K=k, HAS_DROPOUT=has_dropout, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return out, alpha, mean, rstd
+
+
+def _programs_for(n_tiles: int, device: torch.device) -> int:
+    """Programs for the backward: each loops over tiles, so partial buffers stay small on a GPU."""
+    if device.type == "cuda" and not triton_interpreter_enabled():
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_tiles, 4 * sms))
+    return n_tiles  # the interpreter pays per loop step, not per program
+
+
+def gated_fusion_backward(dout, dgates, branches, residual, gate_weight, ln_weight, alpha, mean, rstd,
+                          dropout_p: float, seed: int):
+    """Launch the backward kernel; returns (dbranches list, dresidual, dgate_weight, dgate_bias,
+    dln_weight, dln_bias) with parameter gradients in fp32 (summed on the host in a fixed order)."""
+    k = len(branches)
+    d = residual.shape[-1]
+    m = residual.numel() // d
+    block_m, block_d, num_warps = _block_sizes(d)
+    n_tiles = triton.cdiv(m, block_m)
+    programs = _programs_for(n_tiles, residual.device)
+    tiles_per_program = triton.cdiv(n_tiles, programs)
+    programs = triton.cdiv(n_tiles, tiles_per_program)
+    dev = residual.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    xs = [b.reshape(m, d) for b in branches]
+    dxs = [torch.empty_like(x) for x in xs]
+    dres = torch.empty_like(residual)
+    dw_part = torch.zeros(programs, k * k * d, **f32)
+    dbg_part = torch.zeros(programs, k, **f32)
+    dlw_part = torch.zeros(programs, d, **f32)
+    dlb_part = torch.zeros(programs, d, **f32)
+    dout = dout.reshape(m, d)
+    has_dgates = dgates is not None
+    dgates = dgates.reshape(m, k).float().contiguous() if has_dgates else alpha
+    _gated_fusion_bwd_kernel[(programs,)](
+        xs[0], xs[1], xs[2] if k == 3 else xs[0], residual.reshape(m, d), gate_weight, ln_weight,
+        alpha, mean, rstd,
+        dout, dgates,
+        dxs[0], dxs[1], dxs[2] if k == 3 else dxs[0], dres.reshape(m, d),
+        dw_part, dbg_part, dlw_part, dlb_part,
+        m, d, tiles_per_program, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+        K=k, HAS_DROPOUT=dropout_p > 0.0, HAS_DGATES=has_dgates,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    shape = residual.shape
+    return ([dx.reshape(shape) for dx in dxs], dres,
+            dw_part.sum(0).reshape(k, k * d), dbg_part.sum(0), dlw_part.sum(0), dlb_part.sum(0))
+
+
+class GatedFusionFunction(torch.autograd.Function):
+    """Fused gated fusion; inputs after the four options: k branches, residual, gate_weight, gate_bias,
+    ln_weight, ln_bias. Returns out, or (out, gates) when return_gates."""
+
+    @staticmethod
+    def forward(ctx, eps, dropout_p, seed, return_gates, *tensors):
+        k = len(tensors) - 5
+        branches = [t.contiguous() for t in tensors[:k]]
+        residual, gate_weight, gate_bias, ln_weight, ln_bias = (t.contiguous() for t in tensors[k:])
+        out, alpha, mean, rstd = gated_fusion_forward(
+            branches, residual, gate_weight, gate_bias, ln_weight, ln_bias, eps, dropout_p, seed)
+        ctx.save_for_backward(*branches, residual, gate_weight, ln_weight, alpha, mean, rstd)
+        ctx.k, ctx.dropout_p, ctx.seed = k, dropout_p, seed
+        ctx.param_dtypes = (gate_weight.dtype, gate_bias.dtype, ln_weight.dtype, ln_bias.dtype)
+        if return_gates:
+            return out, alpha.reshape(*residual.shape[:-1], k).to(residual.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, dgates=None):
+        saved = ctx.saved_tensors
+        k = ctx.k
+        branches = list(saved[:k])
+        residual, gate_weight, ln_weight, alpha, mean, rstd = saved[k:]
+        dbranches, dres, dgw, dgb, dlw, dlb = gated_fusion_backward(
+            dout.contiguous(), dgates, branches, residual, gate_weight, ln_weight, alpha, mean, rstd,
+            ctx.dropout_p, ctx.seed)
+        dparams = [g.to(dt) for g, dt in zip((dgw, dgb, dlw, dlb), ctx.param_dtypes)]
+        return (None, None, None, None, *dbranches, dres, *dparams)
+
+
+def gated_fusion_triton(branches, residual, gate_weight, gate_bias, ln_weight, ln_bias, eps=1e-12,
+                        dropout_p=0.0, return_gates=False, training=True, seed: Optional[int] = None):
+    """Triton path of ``gated_fusion`` (inputs already validated by the public op)."""
+    if not training:
+        dropout_p = 0.0
+    if dropout_p > 0.0 and seed is None:
+        seed = _draw_seed()
+    seed = 0 if seed is None else int(seed) % (2**31 - 1)
+    return GatedFusionFunction.apply(float(eps), float(dropout_p), seed, bool(return_gates),
+                                     *branches, residual, gate_weight, gate_bias, ln_weight, ln_bias)

@@ -29,6 +29,11 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """A, D and the dt bias enter the scan in fp32 (as in mamba_ssm), or fp64 for a double model."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class MambaMixer(nn.Module):
     """Mamba-1 mixer over (batch, L, d_model) sequences; causal along L.
 
@@ -68,16 +73,15 @@ class MambaMixer(nn.Module):
         )
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
         # dt_proj: weight uniform in ±dt_rank^-1/2 (variance-preserving); bias = softplus^-1(dt) with dt
         # log-uniform in [dt_min, dt_max], floored, so the initial step sizes span two decades.
         std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
         dt = torch.exp(
             torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         ).clamp(min=dt_init_floor)
         with torch.no_grad():
-            nn.init.uniform_(self.dt_proj.weight, -std, std)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         # Model-level re-initialisers (e.g. RecBole style) leave this bias alone, as mamba_ssm's do.
         self.dt_proj.bias._no_reinit = True
@@ -88,6 +92,8 @@ class MambaMixer(nn.Module):
         self.A_log._no_weight_decay = True
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.D._no_weight_decay = True
+        # Created last, as in mamba_ssm.Mamba: the same seed then draws the same initial parameters.
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}, "
@@ -107,12 +113,12 @@ class MambaMixer(nn.Module):
         y = selective_scan(
             x,
             delta,
-            -torch.exp(self.A_log.float()),
+            -torch.exp(_at_least_fp32(self.A_log)),
             B.transpose(1, 2).contiguous(),
             C.transpose(1, 2).contiguous(),
-            D=self.D.float(),
+            D=_at_least_fp32(self.D),
             z=z,
-            delta_bias=self.dt_proj.bias.float(),
+            delta_bias=_at_least_fp32(self.dt_proj.bias),
             delta_softplus=True,
             backend=self.backend,
         )

@@ -1,0 +1,13 @@
+"""Fused Triton kernels for M2Rec's three hot operations, each beside its exact PyTorch reference.
+
+Public ops (each takes ``backend="auto" | "torch" | "triton"``, see ``_backend.py``):
+
+* ``selective_scan`` / ``selective_state_update`` — Mamba-1 selective scan and its one-step form;
+* ``fft_filter`` — learnable filtering in the FFT domain along the sequence axis;
+* ``gated_fusion`` — softmax-gated mix of k branches + residual + LayerNorm.
+"""
+from .freq_filter import fft_filter
+from .fusion import gated_fusion
+from .scan import selective_scan, selective_state_update
+
+__all__ = ["selective_scan", "selective_state_update", "fft_filter", "gated_fusion"]

@@ -129,6 +129,8 @@ def test_bad_inputs_raise_and_name_the_argument():
         fft_filter(x, torch.randn(4, 4, dtype=torch.complex64), 6)       # n_fft < L
     with pytest.raises(TypeError, match="n_fft"):
         fft_filter(x, w, 8.0)
+    with pytest.raises(ValueError, match="n_fft"):
+        fft_filter(x[:, :0], torch.randn(1, 4, dtype=torch.complex64), 0)
     with pytest.raises(ValueError, match="weight"):
         fft_filter(x, torch.randn(6, 4, dtype=torch.complex64), 8)       # wrong frequency count
     with pytest.raises(ValueError, match="weight"):

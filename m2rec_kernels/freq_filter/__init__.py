@@ -30,8 +30,10 @@ def _check_inputs(x, weight, n_fft) -> None:
     L, d = x.shape[1], x.shape[2]
     if isinstance(n_fft, bool) or not isinstance(n_fft, int):
         raise TypeError(f"{_OP}: n_fft must be an int, got {type(n_fft).__name__}")
-    if n_fft < L:
-        raise ValueError(f"{_OP}: n_fft must be >= the sequence length L = {L} (x.shape[1]), got n_fft = {n_fft}")
+    if n_fft < max(L, 1):
+        raise ValueError(
+            f"{_OP}: n_fft must be >= the sequence length L = {L} (x.shape[1]) and >= 1, got n_fft = {n_fft}"
+        )
     n_freq = n_fft // 2 + 1
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{_OP}: weight must be a torch.Tensor, got {type(weight).__name__}")

@@ -1,0 +1,150 @@
+"""Selective scan (Mamba-1 SSM recurrence) and its one-step streaming form (DESIGN §2.1).
+
+Public functions check their inputs, choose the backend (``m2rec_kernels._backend``) and dispatch to
+the PyTorch reference (``reference.py``) or the fused Triton kernels (``function.py``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import resolve_backend
+from .._checks import FLOAT_DTYPES, check_lengths, check_tensor
+from .reference import selective_scan_ref, selective_state_update_ref
+
+__all__ = ["selective_scan", "selective_state_update", "selective_scan_ref", "selective_state_update_ref"]
+
+_A_DTYPES = (torch.float32, torch.float64)
+# The Triton kernels keep state and accumulation in fp32; fp64 inputs stay on the reference.
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_flag(op: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+
+
+def _triton_dtypes_ok(op: str, backend: str, named: dict) -> bool:
+    """Whether the Triton path supports these dtypes; for an explicit ``backend="triton"`` an
+    unsupported dtype raises instead of silently computing in lower precision."""
+    for name, t in named.items():
+        if t is not None and t.dtype not in _TRITON_DTYPES:
+            if backend == "triton":
+                raise TypeError(
+                    f"{op}: backend='triton' supports float16, bfloat16 and float32; {name} is "
+                    f"{str(t.dtype).replace('torch.', '')} (use backend='torch' for float64)"
+                )
+            return False
+    return True
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    lengths: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+):
+    """Selective scan, a drop-in for mamba_ssm's ``selective_scan_fn`` (real A, B/C per batch and step).
+
+    u, delta, z: (batch, dim, L); A: (dim, N) real fp32/fp64; B, C: (batch, N, L); D, delta_bias: (dim,);
+    lengths: (batch,) integers in [0, L] — steps t >= length are the identity, so the last state is
+    the state after each sequence's own last item.
+
+    Δ = delta (+ delta_bias) (→ softplus); h_t = exp(Δ_t·A)·h_{t-1} + Δ_t·u_t·B_t (h_0 = 0, fp32);
+    y_t = Σ_n h_t·C_t; out = y + D·u; out ← out·silu(z). Returns out in u's dtype, or (out, last_state)
+    with last_state (batch, dim, N) fp32 (fp64 for fp64 inputs) when ``return_last_state``.
+    """
+    op = "selective_scan"
+    check_tensor(op, "u", u, ndim=3)
+    batch, dim, L = u.shape
+    dev = u.device
+    check_tensor(op, "delta", delta, shape=(batch, dim, L), device=dev)
+    check_tensor(op, "A", A, ndim=2, dtypes=_A_DTYPES, device=dev)
+    if A.shape[0] != dim:
+        raise ValueError(f"{op}: A must have shape (dim={dim}, N), got {tuple(A.shape)}")
+    N = A.shape[1]
+    if N < 1:
+        raise ValueError(f"{op}: A must have at least one state (N >= 1), got shape {tuple(A.shape)}")
+    check_tensor(op, "B", B, shape=(batch, N, L), device=dev)
+    check_tensor(op, "C", C, shape=(batch, N, L), device=dev)
+    if D is not None:
+        check_tensor(op, "D", D, shape=(dim,), device=dev)
+    if z is not None:
+        check_tensor(op, "z", z, shape=(batch, dim, L), device=dev)
+    if delta_bias is not None:
+        check_tensor(op, "delta_bias", delta_bias, shape=(dim,), device=dev)
+    if lengths is not None:
+        check_lengths(op, lengths, batch, L, dev)
+    _check_flag(op, "delta_softplus", delta_softplus)
+    _check_flag(op, "return_last_state", return_last_state)
+
+    chosen = resolve_backend(backend, op, u, delta, A, B, C)
+    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    if chosen == "triton" and _triton_dtypes_ok(op, backend, named):
+        from .function import selective_scan_triton
+
+        return selective_scan_triton(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths
+        )
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths)
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    dt_softplus: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One step of the selective scan, updating ``state`` (batch, dim, N) IN PLACE (mamba_ssm's
+    ``selective_state_update``): state ← exp(Δ·A)·state + Δ·x·B; out = Σ_n state·C + D·x, gated by
+    silu(z). x, dt, z: (batch, dim); B, C: (batch, N); A: (dim, N); D, dt_bias: (dim,).
+    Returns out (batch, dim) in x's dtype. The Triton kernel is inference-only (no autograd); "auto"
+    uses it on CUDA when no gradient is needed."""
+    op = "selective_state_update"
+    check_tensor(op, "state", state, ndim=3)
+    batch, dim, N = state.shape
+    dev = state.device
+    check_tensor(op, "x", x, shape=(batch, dim), device=dev)
+    check_tensor(op, "dt", dt, shape=(batch, dim), device=dev)
+    check_tensor(op, "A", A, shape=(dim, N), dtypes=_A_DTYPES, device=dev)
+    check_tensor(op, "B", B, shape=(batch, N), device=dev)
+    check_tensor(op, "C", C, shape=(batch, N), device=dev)
+    if D is not None:
+        check_tensor(op, "D", D, shape=(dim,), device=dev)
+    if z is not None:
+        check_tensor(op, "z", z, shape=(batch, dim), device=dev)
+    if dt_bias is not None:
+        check_tensor(op, "dt_bias", dt_bias, shape=(dim,), device=dev)
+    _check_flag(op, "dt_softplus", dt_softplus)
+    if state.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: state is updated in place and must not require grad")
+
+    chosen = resolve_backend(backend, op, state, x, dt, A, B, C)
+    named = dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    tensors = [t for t in named.values() if t is not None]
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if chosen == "triton" and wants_grad:
+        if backend == "triton":
+            raise ValueError(f"{op}: the Triton kernel is inference-only; an input requires grad (use backend='torch')")
+        chosen = "torch"
+    if chosen == "triton" and _triton_dtypes_ok(op, backend, named):
+        from .function import selective_state_update_triton
+
+        return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

@@ -8,6 +8,11 @@
 * circular mode: n_fft = L and a learnable weight (FMLP-Rec's FilterLayer);
 * causal mode: ``weight = causal_weight(kernel, n_fft)`` for a real kernel (K, d) and
   ``n_fft >= L + K - 1`` (``causal_n_fft(L, K)`` gives the cheapest), so y_t = sum_{s<=t} k_{t-s} x_s.
+
+Backends: "torch" is the torch.fft reference (``reference.py``). "triton" is a dense-DFT kernel
+(``kernels.py``, ``function.py``) for x in fp32/fp16/bf16 and **n_fft <= 1024** (``MAX_N_FFT``): circular
+mode up to L = 1024, causal mode while L + K - 1 <= 1024 (L <= 512 with K = L taps). Beyond that, or
+for float64, it falls back to torch.fft automatically (same result, same gradients).
 """
 from __future__ import annotations
 

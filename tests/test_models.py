@@ -208,7 +208,7 @@ def test_registry_and_mamba4rec_implementation_choice():
 
 
 def test_recbole_style_initialisation():
-    model = CONFIGS["m2rec-text"]()
+    model = CONFIGS["m2rec-text"]().requires_grad_(False)
     w = model.item_embedding.weight
     assert torch.all(w[0] == 0) and abs(float(w[1:].std()) - 0.02) < 0.004
     layer = model.layers[0]

@@ -83,11 +83,6 @@ class SequentialRecommender(nn.Module):
             raise ValueError(f"{name}: item_seq must be non-empty, got shape {tuple(item_seq.shape)}")
         if L > self.max_len:
             raise ValueError(f"{name}: item_seq has L = {L} positions, more than max_len = {self.max_len}")
-        lo, hi = int(item_seq.min()), int(item_seq.max())
-        if lo < 0 or hi > self.n_items:
-            raise ValueError(
-                f"{name}: item_seq holds ids in [{lo}, {hi}], expected ids in [0, n_items={self.n_items}] (0 = padding)"
-            )
         if not isinstance(lengths, torch.Tensor):
             raise TypeError(f"{name}: lengths must be a torch.Tensor, got {type(lengths).__name__}")
         if lengths.dtype not in _INT_DTYPES:
@@ -96,12 +91,19 @@ class SequentialRecommender(nn.Module):
             raise ValueError(f"{name}: lengths must have shape (batch,) = ({batch},), got {tuple(lengths.shape)}")
         if lengths.device != item_seq.device:
             raise ValueError(f"{name}: lengths is on {lengths.device} but item_seq is on {item_seq.device}")
-        if int(lengths.min()) < 1 or int(lengths.max()) > L:
+        # The value checks need the data: gather them into one tensor so a GPU batch costs one sync.
+        lengths = lengths.long()
+        padded_wrong = (item_seq != 0) != self.valid_mask(lengths.clamp(0, L), L)
+        stats = torch.stack([item_seq.min().long(), item_seq.max().long(), lengths.min(), lengths.max(),
+                             padded_wrong.any().long()])
+        lo, hi, len_lo, len_hi, not_right_padded = stats.tolist()
+        if lo < 0 or hi > self.n_items:
             raise ValueError(
-                f"{name}: lengths must lie in [1, L={L}], got min {int(lengths.min())}, max {int(lengths.max())}"
+                f"{name}: item_seq holds ids in [{lo}, {hi}], expected ids in [0, n_items={self.n_items}] (0 = padding)"
             )
-        valid = self.valid_mask(lengths, L)
-        if bool(((item_seq != 0) != valid).any()):
+        if len_lo < 1 or len_hi > L:
+            raise ValueError(f"{name}: lengths must lie in [1, L={L}], got min {len_lo}, max {len_hi}")
+        if not_right_padded:
             raise ValueError(
                 f"{name}: item_seq must be right-padded: ids >= 1 at positions t < lengths[b] and 0 after "
                 "(a left-padded batch or a padding id inside a sequence was given)"

@@ -1,0 +1,116 @@
+"""Shared by the selective-scan tests: random inputs in the ranges the model produces, and an
+independent naive scan (explicit Python loops over batch and time, float64) to compare against."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# The odd shapes every scan test uses (dim not a power of two, N = 7, L = 37).
+ODD = dict(batch=3, dim=48, L=37, N=7)
+
+
+def make_lengths(batch: int, L: int, device) -> torch.Tensor:
+    """Full, partial and empty sequences."""
+    pattern = [L, max(L // 3, 1), 0]
+    return torch.tensor([pattern[i % 3] for i in range(batch)], dtype=torch.int64, device=device)
+
+
+def make_scan_inputs(
+    batch: int,
+    dim: int,
+    L: int,
+    N: int,
+    *,
+    use_D: bool = True,
+    use_z: bool = True,
+    use_bias: bool = True,
+    softplus: bool = True,
+    use_lengths: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    generator_seed: int = 0,
+) -> dict:
+    """Keyword arguments for ``selective_scan`` (without return_last_state/backend)."""
+    g = torch.Generator().manual_seed(generator_seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(dtype=dtype, device=device)
+
+    if softplus:
+        delta = rnd(batch, dim, L, scale=0.5, shift=-1.0)
+    else:  # Δ itself: keep it positive as the model's softplus output is
+        delta = (torch.rand(batch, dim, L, generator=g) * 0.5 + 0.05).to(dtype=dtype, device=device)
+    A_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    A = (-(torch.rand(dim, N, generator=g) * 1.5 + 0.25)).to(dtype=A_dtype, device=device)
+    kw = dict(
+        u=rnd(batch, dim, L),
+        delta=delta,
+        A=A,
+        B=rnd(batch, N, L),
+        C=rnd(batch, N, L),
+        D=rnd(dim) if use_D else None,
+        z=rnd(batch, dim, L) if use_z else None,
+        delta_bias=None,
+        delta_softplus=softplus,
+        lengths=make_lengths(batch, L, device) if use_lengths else None,
+    )
+    if use_bias:
+        bias = torch.randn(dim, generator=g) * 0.3
+        if softplus:
+            bias[:2] = 21.0  # above softplus' threshold: Δ = x there (and the gradient is 1)
+        kw["delta_bias"] = bias.to(dtype=dtype, device=device)
+    return kw
+
+
+def naive_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, lengths=None
+):
+    """Explicit loops over batch and time in float64; a sequence simply stops updating its state
+    after its length (an independent formulation of the identity-step rule).
+    Returns (out float64 (batch, dim, L), last_state float64 (batch, dim, N))."""
+    f = torch.float64
+    u, delta, A, B, C = (t.detach().to(f) for t in (u, delta, A, B, C))
+    D = None if D is None else D.detach().to(f)
+    z = None if z is None else z.detach().to(f)
+    bias = None if delta_bias is None else delta_bias.detach().to(f)
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    out = torch.zeros(batch, dim, L, dtype=f, device=u.device)
+    last = torch.zeros(batch, dim, N, dtype=f, device=u.device)
+    for b in range(batch):
+        n_valid = L if lengths is None else int(lengths[b])
+        h = torch.zeros(dim, N, dtype=f, device=u.device)
+        for t in range(L):
+            if t < n_valid:
+                dt = delta[b, :, t] if bias is None else delta[b, :, t] + bias
+                if delta_softplus:
+                    dt = torch.where(dt > 20, dt, torch.log1p(torch.exp(dt)))
+                h = torch.exp(dt[:, None] * A) * h + (dt * u[b, :, t])[:, None] * B[b, :, t][None, :]
+            o = h @ C[b, :, t]
+            if D is not None:
+                o = o + D * u[b, :, t]
+            if z is not None:
+                o = o * z[b, :, t] / (1 + torch.exp(-z[b, :, t]))
+            out[b, :, t] = o
+        last[b] = h
+    return out, last
+
+
+def scan_args(kw: dict) -> tuple:
+    """The positional order of ``selective_scan`` / mamba's ``selective_scan_ref`` up to delta_softplus."""
+    return (kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["delta_bias"], kw["delta_softplus"])
+
+
+def clone_inputs(kw: dict, requires_grad: bool = True, dtype: Optional[torch.dtype] = None) -> dict:
+    """Fresh leaf copies (optionally cast; A stays fp32/fp64) so each backend gets its own grads."""
+    out = {}
+    for k, v in kw.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            v = v.detach().clone()
+            if dtype is not None and k != "A":
+                v = v.to(dtype)
+            out[k] = v.requires_grad_(requires_grad)
+        else:
+            out[k] = v
+    return out

@@ -13,6 +13,16 @@ from m2rec_kernels.fusion import gated_fusion
 BATCH, LENGTH, DIM = 3, 37, 48  # odd on purpose: d is not a power of two, L is prime
 
 
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """These tensors are tiny: intra-op threads only add overhead, and on a loaded 2-core machine
+    their spin-waits made each small op take milliseconds (gradcheck went from 1 s to 12 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def make_inputs(k, batch=BATCH, length=LENGTH, d=DIM, dtype=torch.float32, device="cpu", param_dtype=None):
     """Branches, residual and parameters with non-trivial gates and LayerNorm affine."""
     param_dtype = param_dtype or dtype

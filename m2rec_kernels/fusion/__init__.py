@@ -92,8 +92,11 @@ def gated_fusion(
         raise TypeError(f"{_OP}: seed must be an int or None, got {type(seed).__name__}")
     tensors = (*branches, residual, gate_weight, gate_bias, ln_weight, ln_bias)
     chosen = resolve_backend(backend, _OP, *tensors)
-    if chosen == "triton" and backend == "auto" and any(t.dtype not in _TRITON_DTYPES for t in tensors):
-        chosen = "torch"  # float64 has no fused kernel; auto quietly keeps the exact reference
+    if chosen == "triton" and backend == "auto":
+        from .function import MAX_FUSED_DIM
+
+        if any(t.dtype not in _TRITON_DTYPES for t in tensors) or residual.shape[-1] > MAX_FUSED_DIM:
+            chosen = "torch"  # no fused kernel for float64 or very wide rows: keep the exact reference
     if chosen == "triton":
         for name, t in zip(("residual", "gate_weight", "gate_bias", "ln_weight", "ln_bias"), tensors[-5:]):
             if t.dtype not in _TRITON_DTYPES:

@@ -1,10 +1,12 @@
 """Autograd function and host wrappers for the gated fusion Triton kernels (``kernels.py``)."""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 
 from .._backend import triton_interpreter_enabled
 from .kernels import _gated_fusion_bwd_kernel, _gated_fusion_fwd_kernel
@@ -27,6 +29,20 @@ def _block_sizes(d: int):
     return block_m, block_d, num_warps
 
 
+def _check_numel(m: int, d: int):
+    # element indices (pointer offsets and the dropout RNG counter) are 32-bit in the kernels
+    if m * d >= 2**31:
+        raise ValueError(
+            f"gated_fusion: backend='triton' supports fewer than 2**31 elements per input, got "
+            f"{m} rows x {d}; split the batch or use backend='torch'"
+        )
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU (not the current one); nothing to do for CPU tensors (interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _draw_seed() -> int:
     # from torch's global CPU generator, so torch.manual_seed makes runs repeatable (no device sync)
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -40,6 +56,7 @@ def gated_fusion_forward(branches: List[torch.Tensor], residual, gate_weight, ga
     d = residual.shape[-1]
     m = residual.numel() // d
     block_m, block_d, num_warps = _block_sizes(d)
+    _check_numel(m, d)
     xs = [b.reshape(m, d) for b in branches]
     out = torch.empty_like(residual)
     alpha = torch.empty(m, k, device=residual.device, dtype=torch.float32)
@@ -47,13 +64,14 @@ def gated_fusion_forward(branches: List[torch.Tensor], residual, gate_weight, ga
     rstd = torch.empty(m, device=residual.device, dtype=torch.float32)
     has_dropout = dropout_p > 0.0
     grid = (triton.cdiv(m, block_m),)
-    _gated_fusion_fwd_kernel[grid](
-        xs[0], xs[1], xs[2] if k == 3 else xs[0], residual.reshape(m, d),
-        gate_weight, gate_bias, ln_weight, ln_bias,
-        out, alpha, mean, rstd,
-        m, d, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed,
-        K=k, HAS_DROPOUT=has_dropout, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    with _on_device(residual):
+        _gated_fusion_fwd_kernel[grid](
+            xs[0], xs[1], xs[2] if k == 3 else xs[0], residual.reshape(m, d),
+            gate_weight, gate_bias, ln_weight, ln_bias,
+            out, alpha, mean, rstd,
+            m, d, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+            K=k, HAS_DROPOUT=has_dropout, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        )
     return out, alpha, mean, rstd
 
 
@@ -89,16 +107,17 @@ def gated_fusion_backward(dout, dgates, branches, residual, gate_weight, ln_weig
     dout = dout.reshape(m, d)
     has_dgates = dgates is not None
     dgates = dgates.reshape(m, k).float().contiguous() if has_dgates else alpha
-    _gated_fusion_bwd_kernel[(programs,)](
-        xs[0], xs[1], xs[2] if k == 3 else xs[0], residual.reshape(m, d), gate_weight, ln_weight,
-        alpha, mean, rstd,
-        dout, dgates,
-        dxs[0], dxs[1], dxs[2] if k == 3 else dxs[0], dres.reshape(m, d),
-        dw_part, dbg_part, dlw_part, dlb_part,
-        m, d, tiles_per_program, dropout_p, 1.0 / (1.0 - dropout_p), seed,
-        K=k, HAS_DROPOUT=dropout_p > 0.0, HAS_DGATES=has_dgates,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    with _on_device(residual):
+        _gated_fusion_bwd_kernel[(programs,)](
+            xs[0], xs[1], xs[2] if k == 3 else xs[0], residual.reshape(m, d), gate_weight, ln_weight,
+            alpha, mean, rstd,
+            dout, dgates,
+            dxs[0], dxs[1], dxs[2] if k == 3 else dxs[0], dres.reshape(m, d),
+            dw_part, dbg_part, dlw_part, dlb_part,
+            m, d, tiles_per_program, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+            K=k, HAS_DROPOUT=dropout_p > 0.0, HAS_DGATES=has_dgates,
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        )
     shape = residual.shape
     return ([dx.reshape(shape) for dx in dxs], dres,
             dw_part.sum(0).reshape(k, k * d), dbg_part.sum(0), dlw_part.sum(0), dlb_part.sum(0))
@@ -123,6 +142,7 @@ class GatedFusionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dgates=None):
         saved = ctx.saved_tensors
         k = ctx.k

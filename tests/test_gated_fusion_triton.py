@@ -70,13 +70,13 @@ def test_edge_shapes(shape, device):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-def test_backward_with_several_tiles_per_program(monkeypatch):
+def test_backward_with_several_tiles_per_program(monkeypatch, device):
     """On a GPU each backward program loops over several row tiles (partial buffers stay small);
     force that path here: 7 tiles over 2 programs, the last tile of the second program past the end."""
     monkeypatch.setattr(fusion_function, "_programs_for", lambda n_tiles, device: 2)
-    args = make_inputs(2)
-    grad_out = torch.randn(BATCH, LENGTH, DIM)
-    grad_gates = torch.randn(BATCH, LENGTH, 2)
+    args = make_inputs(2, device=device)
+    grad_out = torch.randn(BATCH, LENGTH, DIM, device=device)
+    grad_gates = torch.randn(BATCH, LENGTH, 2, device=device)
     _, _, grads = _run(args, "triton", grad_out, grad_gates)
     _, _, ref_grads = _run(args, "torch", grad_out, grad_gates)
     for name, g, r in zip(_names(2), grads, ref_grads):

@@ -12,9 +12,10 @@ from m2rec.layers import M2RecLayer
 from m2rec.models import M2Rec
 
 D, D_STATE, BATCH = 16, 4, 2
-# fp32 everywhere; the Triton kernels accumulate in fp32 like the reference, in another order.
-FWD_TOL = dict(rtol=2e-4, atol=2e-4)
-GRAD_TOL = dict(rtol=1e-3, atol=2e-4)
+# fp32 everywhere; the Triton kernels accumulate in fp32 like the reference, in another order. Observed
+# under the interpreter: outputs within 1e-6, gradients within 5e-6 — the bounds leave ~10x margin.
+FWD_TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_TOL = dict(rtol=1e-4, atol=3e-5)
 
 
 def _layer_pair(filter_mode, semantic, max_len):
@@ -24,6 +25,9 @@ def _layer_pair(filter_mode, semantic, max_len):
     with torch.no_grad():  # away from structured initial values (D = 1, LayerNorm 1/0, zero gate bias)
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
+        # larger steps (softplus(dt) in ~[0.13, 0.97] instead of [1e-3, 0.1]) so the scan's decay and
+        # its delta gradients matter: a small-dt scan is nearly the identity and would hide errors
+        ref.mamba.dt_proj.bias.uniform_(-2.0, 0.5)
     tri = M2RecLayer(**kw, backend="triton")
     tri.load_state_dict(ref.state_dict(), strict=True)
     # and back: the Triton layer's state_dict loads into a torch layer unchanged

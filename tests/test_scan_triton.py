@@ -1,0 +1,216 @@
+"""Triton selective scan and state update against the PyTorch reference, forward and backward.
+
+On CPU the kernels run under the Triton interpreter (tests/conftest.py), which costs a few ms per
+program per time step: shapes are the odd ones (batch 3, dim 48, L 37, N 7) with one or two channel
+blocks. The checkpoint spacing at L = 37 is 8 steps, so the backward crosses four chunk edges and
+ends on a partial chunk.
+"""
+import pytest
+import torch
+
+from _scan_inputs import ODD, clone_inputs, make_scan_inputs
+from m2rec_kernels import selective_scan, selective_state_update
+from m2rec_kernels.scan import function as scan_function
+
+GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+FP32_TOL = dict(rtol=1e-4, atol=1e-4)  # tighter than mamba's scan tests (6e-4, 2e-3)
+
+
+def _run(kw, backend, grad_out=None, grad_last=None, dtype=None):
+    """Forward (out, last) and, when grads are given, the input grads, on fresh leaves."""
+    inputs = clone_inputs(kw, dtype=dtype)
+    out, last = selective_scan(**inputs, return_last_state=True, backend=backend)
+    grads = {}
+    if grad_out is not None or grad_last is not None:
+        outs = [t for t, g in ((out, grad_out), (last, grad_last)) if g is not None]
+        gs = [g.to(t.dtype) for t, g in ((out, grad_out), (last, grad_last)) if g is not None]
+        torch.autograd.backward(outs, gs)
+        # an input the loss does not reach (z, D when only the last state is used) has grad None
+        # under autograd and zeros from the kernel: compare both as zeros
+        grads = {
+            n: torch.zeros_like(inputs[n]) if inputs[n].grad is None else inputs[n].grad
+            for n in GRAD_NAMES
+            if inputs[n] is not None
+        }
+    return out.detach(), last.detach(), grads
+
+
+def _assert_grads_close(got, want, **tol):
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        torch.testing.assert_close(got[name], want[name], **tol, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "use_D,use_z,use_bias,softplus,use_lengths,grad_through",
+    [
+        (True, True, True, True, True, "both"),  # everything fused, gradient through the last state too
+        (False, False, False, False, False, "out"),  # the bare recurrence
+        (True, False, True, True, True, "out"),
+        (False, True, False, False, True, "last"),  # only the last state is used (dout is None)
+    ],
+    ids=["all", "bare", "D-bias-softplus-lengths", "z-lengths-last-only"],
+)
+def test_fp32_matches_reference(device, use_D, use_z, use_bias, softplus, use_lengths, grad_through):
+    kw = make_scan_inputs(**ODD, use_D=use_D, use_z=use_z, use_bias=use_bias, softplus=softplus,
+                          use_lengths=use_lengths, device=device)
+    g = torch.Generator().manual_seed(1)
+    shape_out, shape_last = kw["u"].shape, (ODD["batch"], ODD["dim"], ODD["N"])
+    grad_out = torch.randn(shape_out, generator=g).to(device) if grad_through in ("out", "both") else None
+    grad_last = torch.randn(shape_last, generator=g).to(device) if grad_through in ("last", "both") else None
+    out, last, grads = _run(kw, "triton", grad_out, grad_last)
+    want_out, want_last, want_grads = _run(kw, "torch", grad_out, grad_last)
+    assert out.dtype == torch.float32 and last.dtype == torch.float32
+    torch.testing.assert_close(out, want_out, **FP32_TOL)
+    torch.testing.assert_close(last, want_last, **FP32_TOL)
+    _assert_grads_close(grads, want_grads, **FP32_TOL)
+
+
+def test_several_channel_blocks(monkeypatch, device):
+    """Two channel blocks (32 + a masked 16): dB/dC are summed over blocks, dA/dD/d(delta_bias) over
+    the batch, from per-program partial buffers."""
+    if device.type == "cpu":
+        monkeypatch.setattr(scan_function, "INTERPRETER_BLOCK_D", 32)
+    kw = make_scan_inputs(**ODD, use_lengths=True, device=device)
+    grad_out = torch.randn(kw["u"].shape, device=device)
+    grad_last = torch.randn(ODD["batch"], ODD["dim"], ODD["N"], device=device)
+    out, last, grads = _run(kw, "triton", grad_out, grad_last)
+    want_out, want_last, want_grads = _run(kw, "torch", grad_out, grad_last)
+    torch.testing.assert_close(out, want_out, **FP32_TOL)
+    torch.testing.assert_close(last, want_last, **FP32_TOL)
+    _assert_grads_close(grads, want_grads, **FP32_TOL)
+
+
+def test_forward_only_without_last_state(device):
+    kw = make_scan_inputs(**ODD, use_lengths=True, device=device)
+    with torch.no_grad():
+        out = selective_scan(**kw, backend="triton")
+        want = selective_scan(**kw, backend="torch")
+    torch.testing.assert_close(out, want, **FP32_TOL)
+
+
+def _max_err(got, truth):
+    return (got.double() - truth.double()).abs().max().item()
+
+
+def _low_precision_rule(dtype, device, atol):
+    """mamba's rule: the kernel's error against fp64 is at most twice the error of the PyTorch
+    reference run on the same low-precision inputs, plus atol — for the output, last state, grads."""
+    kw = make_scan_inputs(**ODD, use_lengths=True, device=device)
+    lp = clone_inputs(kw, requires_grad=False, dtype=dtype)  # the values everyone sees
+    exact = clone_inputs(lp, requires_grad=False, dtype=torch.float64)
+    exact["A"] = exact["A"].double()
+    grad_out = torch.randn(kw["u"].shape, device=device).to(dtype)
+    grad_last = torch.randn(ODD["batch"], ODD["dim"], ODD["N"], device=device)
+
+    truth = _run(exact, "torch", grad_out.double(), grad_last.double())
+    ref = _run(lp, "torch", grad_out, grad_last)
+    tri = _run(lp, "triton", grad_out, grad_last)
+    assert tri[0].dtype == dtype and tri[1].dtype == torch.float32
+    for name, got, base, true in [("out", tri[0], ref[0], truth[0]), ("last", tri[1], ref[1], truth[1])] + [
+        (f"grad {n}", tri[2][n], ref[2][n], truth[2][n]) for n in GRAD_NAMES
+    ]:
+        assert got.dtype == base.dtype, name
+        err, ref_err = _max_err(got, true), _max_err(base, true)
+        scale = true.abs().max().item()
+        assert err <= 2 * ref_err + atol * max(scale, 1.0), f"{name}: error {err:.3g} vs reference {ref_err:.3g}"
+
+
+def test_fp16_within_twice_the_reference_error(device):
+    _low_precision_rule(torch.float16, device, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_bf16_within_twice_the_reference_error(device):
+    _low_precision_rule(torch.bfloat16, device, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_fp32_exact_even_with_tf32_enabled(device):
+    """The scan has no tl.dot: enabling TF32 for torch matmuls must not change the kernel's fp32
+    accuracy against an fp64 reference (the reference is run in fp64, where TF32 never applies)."""
+    kw = make_scan_inputs(**ODD, use_lengths=True, device=device)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        out, last, _ = _run(kw, "triton")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    exact = clone_inputs(kw, requires_grad=False, dtype=torch.float64)
+    exact["A"] = exact["A"].double()
+    want_out, want_last, _ = _run(exact, "torch")
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last.double(), want_last, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_backward_is_deterministic(device):
+    kw = make_scan_inputs(4, 256, 64, 16, use_lengths=True, device=device)
+    grad_out = torch.randn(kw["u"].shape, device=device)
+    first = _run(kw, "triton", grad_out)[2]
+    second = _run(kw, "triton", grad_out)[2]
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_float64_is_refused_by_the_triton_backend(device):
+    kw = make_scan_inputs(2, 4, 3, 2, dtype=torch.float64, device=device)
+    with pytest.raises(TypeError, match="float64"):
+        selective_scan(**kw, backend="triton")
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("use_opts", [True, False], ids=["D-z-bias-softplus", "bare"])
+def test_state_update_kernel_matches_reference(device, state_dtype, use_opts):
+    b, d, N = ODD["batch"], ODD["dim"], ODD["N"]
+    kw = make_scan_inputs(b, d, 1, N, use_D=use_opts, use_z=use_opts, use_bias=use_opts, softplus=use_opts,
+                          device=device)
+    args = (kw["u"][..., 0], kw["delta"][..., 0], kw["A"], kw["B"][..., 0], kw["C"][..., 0])
+    extra = dict(D=kw["D"], z=None if kw["z"] is None else kw["z"][..., 0], dt_bias=kw["delta_bias"],
+                 dt_softplus=use_opts)
+    state = torch.randn(b, d, N, device=device).to(state_dtype)
+    want_state = state.clone()
+    out = selective_state_update(state, *args, **extra, backend="triton")
+    want = selective_state_update(want_state, *args, **extra, backend="torch")
+    tol = FP32_TOL if state_dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(out, want, **tol)
+    torch.testing.assert_close(state, want_state, **tol)
+
+
+def test_state_update_kernel_on_a_strided_state_updates_it_in_place(device):
+    b, d, N = 2, 5, 3
+    kw = make_scan_inputs(b, d, 1, N, device=device)
+    args = (kw["u"][..., 0], kw["delta"][..., 0], kw["A"], kw["B"][..., 0], kw["C"][..., 0])
+    storage = torch.randn(b, N, d, device=device)
+    state = storage.transpose(1, 2)  # (b, d, N), not contiguous
+    want_state = state.clone()
+    out = selective_state_update(state, *args, D=kw["D"], dt_softplus=True, backend="triton")
+    want = selective_state_update(want_state, *args, D=kw["D"], dt_softplus=True, backend="torch")
+    torch.testing.assert_close(out, want, **FP32_TOL)
+    torch.testing.assert_close(storage.transpose(1, 2), want_state, **FP32_TOL)
+
+
+def test_state_update_kernel_steps_reproduce_the_triton_scan(device):
+    """The two Triton kernels agree with each other: L one-step updates = one scan (out and state)."""
+    b, d, L, N = 2, ODD["dim"], 5, ODD["N"]
+    kw = make_scan_inputs(b, d, L, N, device=device)
+    with torch.no_grad():
+        out, last = selective_scan(**kw, return_last_state=True, backend="triton")
+    state = torch.zeros(b, d, N, device=device)
+    steps = [
+        selective_state_update(state, kw["u"][..., t], kw["delta"][..., t], kw["A"], kw["B"][..., t],
+                               kw["C"][..., t], D=kw["D"], z=kw["z"][..., t], dt_bias=kw["delta_bias"],
+                               dt_softplus=True, backend="triton")
+        for t in range(L)
+    ]
+    torch.testing.assert_close(torch.stack(steps, dim=-1), out, **FP32_TOL)
+    torch.testing.assert_close(state, last, **FP32_TOL)
+
+
+def test_state_update_kernel_refuses_inputs_that_need_grad(device):
+    kw = make_scan_inputs(2, 4, 1, 3, device=device)
+    x = kw["u"][..., 0].clone().requires_grad_()
+    with pytest.raises(ValueError, match="inference-only"):
+        selective_state_update(torch.zeros(2, 4, 3, device=device), x, kw["delta"][..., 0], kw["A"],
+                               kw["B"][..., 0], kw["C"][..., 0], backend="triton")

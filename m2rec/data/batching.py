@@ -86,9 +86,10 @@ def build_training_examples(sequences: Sequence[Sequence[int]], max_len: int,
 
 
 def iterate_batches(examples: TrainingExamples, batch_size: int, shuffle: bool = True,
-                    generator: Optional[torch.Generator] = None
+                    generator: Optional[torch.Generator] = None, full_width: bool = False
                     ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(inputs, lengths, targets)`` batches, trimmed to the longest sequence in the batch."""
+    """Yield ``(inputs, lengths, targets)`` batches, trimmed to the longest sequence in the batch
+    (or kept at max_len with ``full_width``, for models that need a fixed width)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(examples)
@@ -96,7 +97,7 @@ def iterate_batches(examples: TrainingExamples, batch_size: int, shuffle: bool =
     for begin in range(0, n, batch_size):
         idx = order[begin:begin + batch_size]
         lengths = examples.lengths[idx]
-        width = int(lengths.max())
+        width = examples.inputs.shape[1] if full_width else int(lengths.max())
         targets = examples.targets[idx]
         if examples.all_positions:
             targets = targets[:, :width]

@@ -1,0 +1,59 @@
+"""pytest configuration for the benchmark suite (``pytest bench/ --benchmark-only``).
+
+* Nothing here sets ``TRITON_INTERPRET``: a timing run must use compiled Triton (CUDA) or none at all.
+  The test command sets it itself (together with ``M2REC_BENCH_SMOKE=1`` and ``--benchmark-disable``).
+* Rows that cannot run on this machine (Triton without CUDA, mamba_ssm's CUDA scan when it is missing,
+  a backend that is not implemented yet) are recorded with the ``not_run`` fixture and then skipped;
+  when ``M2REC_BENCH_NOT_RUN_FILE`` names a file, they are written there as JSON at the end of the
+  session, and ``bench/run_suite.py`` merges them into the results as rows with status "not run".
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from .grids import bench_device, current_grid
+
+_NOT_RUN_KEY = pytest.StashKey[list]()
+
+
+def pytest_configure(config):
+    config.stash[_NOT_RUN_KEY] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("M2REC_BENCH_NOT_RUN_FILE")
+    rows = session.config.stash.get(_NOT_RUN_KEY, [])
+    if path:
+        with open(path, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+@pytest.fixture
+def not_run(request):
+    """``not_run(reason, **fields)``: record a row that was not run on this machine, then skip."""
+
+    def record(reason: str, **fields):
+        row = dict(fields, status="not run", reason=reason, test=request.node.nodeid)
+        request.config.stash[_NOT_RUN_KEY].append(row)
+        pytest.skip(f"not run: {reason}")
+
+    return record
+
+
+@pytest.fixture(scope="session")
+def grid():
+    return current_grid()
+
+
+@pytest.fixture(scope="session")
+def bench_dev():
+    return bench_device()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,101 @@
+"""What each benchmark runs, by mode.
+
+* ``gpu``   — a CUDA device is present: the full grid of the issue (L 50..2000 x batch 1/64/256).
+* ``cpu``   — no CUDA device: a grid trimmed so the whole suite (timings + memory probes + plots) fits in
+  about 7 minutes on a 2-core machine, keeping L in {50, 200, 1000} at batch 64.
+* ``smoke`` — ``M2REC_BENCH_SMOKE=1`` (the test command sets it with ``--benchmark-disable``): every
+  benchmark once on tiny shapes so the suite cannot rot; Triton rows may run once under the interpreter
+  (correctness of the bench path only, never timed).
+
+Widths follow the paper's set-up (DESIGN §7): hidden 64, d_state 32, expand 2, ML-1M's 3,706 items and
+384-d text embeddings (all-MiniLM-L6-v2's width).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+D_MODEL = 64
+D_STATE = 32
+EXPAND = 2
+N_ITEMS_ML1M = 3706
+TEXT_DIM = 384
+MODEL_NAMES = ("m2rec", "mamba4rec", "sasrec")
+
+
+def smoke_mode() -> bool:
+    return os.environ.get("M2REC_BENCH_SMOKE", "0") not in ("", "0")
+
+
+def machine_tag() -> str:
+    """``gpu`` with a CUDA device, else ``cpu``; used in every output file name."""
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class Grid:
+    mode: str
+    n_items: int
+    inference: Tuple[Tuple[int, int], ...]   # (L, batch) pairs for model inference
+    training: Tuple[Tuple[int, int], ...]    # (L, batch) pairs for a training step
+    scan: Tuple[int, int, int, int]          # selective scan (batch, L, d_inner, d_state)
+    seq_op: Tuple[int, int, int]             # fft_filter / gated_fusion (batch, L, d)
+    target_s: float                          # timed seconds aimed at per benchmark (adaptive rounds)
+    min_rounds: int
+    max_rounds: int
+
+
+def _product(lengths, batches):
+    return tuple((L, b) for b in batches for L in lengths)
+
+
+GPU = Grid(
+    mode="gpu",
+    n_items=N_ITEMS_ML1M,
+    inference=_product((50, 200, 1000, 2000), (1, 64, 256)),
+    training=_product((50, 200), (64, 256)),
+    scan=(64, 200, EXPAND * D_MODEL, D_STATE),
+    seq_op=(64, 200, D_MODEL),
+    target_s=0.4,
+    min_rounds=10,
+    max_rounds=200,
+)
+
+# Measured on a 2-core Xeon: batch 64 at L = 1000 costs ~1 s per forward for the Mamba models (the
+# torch scan walks L step by step), so L = 2000 and batch 256 are left to the GPU grid.
+CPU = Grid(
+    mode="cpu",
+    n_items=N_ITEMS_ML1M,
+    inference=_product((50, 200, 1000), (64,)) + _product((50, 200, 1000), (1,)),
+    training=_product((50, 200), (64,)),
+    scan=(64, 200, EXPAND * D_MODEL, D_STATE),
+    seq_op=(64, 200, D_MODEL),
+    target_s=1.0,
+    min_rounds=3,
+    max_rounds=50,
+)
+
+SMOKE = Grid(
+    mode="smoke",
+    n_items=50,
+    inference=((8, 2),),
+    training=((8, 2),),
+    scan=(2, 8, 16, 4),
+    seq_op=(2, 8, 16),
+    target_s=0.0,
+    min_rounds=1,
+    max_rounds=1,
+)
+
+
+def current_grid() -> Grid:
+    if smoke_mode():
+        return SMOKE
+    return GPU if torch.cuda.is_available() else CPU

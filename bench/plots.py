@@ -1,0 +1,303 @@
+"""Plots of the benchmark results: ``python -m bench.plots [--in DIR]`` (default ``reports/``).
+
+Reads every ``bench-<tag>-results.json`` in DIR (written by ``bench/run_suite.py``) and writes next to
+it, per machine tag:
+
+* ``bench-<tag>-latency.png``  — inference latency per batch vs sequence length, log-log, a panel per batch;
+* ``bench-<tag>-memory.png``   — peak memory of one inference call vs sequence length;
+* ``bench-<tag>-speedup.png``  — M2Rec's speedup over each baseline (baseline latency / M2Rec latency);
+* ``bench-<tag>-ops.png``      — op-level speed relative to the torch reference, forward and fwd+bwd;
+* ``bench-<tag>-training.png`` — training-step throughput (sequences per second).
+
+Every number comes from the results file; rows that were not run are named in the legend or on the bar
+with their reason, and the caption names the machine and the date of the run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from .machine import short_label  # noqa: E402
+from .results import file_name, load_results  # noqa: E402
+
+MODEL_NAMES = {"m2rec": "M2Rec", "mamba4rec": "Mamba4Rec", "sasrec": "SASRec"}
+MODEL_COLORS = {"m2rec": "#1f77b4", "mamba4rec": "#ff7f0e", "sasrec": "#2ca02c"}
+BACKEND_COLORS = {"triton": "#1f77b4", "torch": "#7f7f7f", "torch.fft": "#2ca02c", "mamba_ssm": "#d62728",
+                  "mamba_ssm_ref": "#ff7f0e"}
+OPS = ("selective_scan", "fft_filter", "gated_fusion")
+PASS_TITLES = {"op_forward": "forward", "op_forward_backward": "forward + backward"}
+
+
+def series_label(name: str, backend: str) -> str:
+    return f"{MODEL_NAMES.get(name, name)} ({backend})"
+
+
+def _style(name: str, backend: str) -> Dict:
+    dashed = name == "m2rec" and backend != "triton"
+    return dict(color=MODEL_COLORS.get(name, "black"), linestyle="--" if dashed else "-",
+                marker={"m2rec": "o", "mamba4rec": "s", "sasrec": "^"}.get(name, "x"))
+
+
+def _caption(fig, data: Dict, source: Path, extra: str = "") -> None:
+    text = f"Machine: {short_label(data['machine'])}.  Numbers from {source.name}."
+    if extra:
+        text += "\n" + extra
+    fig.text(0.5, 0.005, text, ha="center", va="bottom", fontsize=7.5, color="#333333", wrap=True)
+
+
+def _not_run_handles(rows: List[Dict], kind: str) -> Tuple[List, List[str]]:
+    """Legend entries naming the model rows of ``kind`` that were not run, with the reason."""
+    seen = {}
+    for r in rows:
+        if r["kind"] == kind and r["status"] == "not run":
+            seen.setdefault((r["name"], r["backend"]), r["reason"])
+    handles, labels = [], []
+    for (name, backend), reason in sorted(seen.items()):
+        handles.append(Line2D([], [], color="#bbbbbb", linestyle=":", marker="x"))
+        labels.append(f"{series_label(name, backend)}: not run\n" + textwrap.fill(reason, 44))
+    return handles, labels
+
+
+def _panels(n: int, width: float = 5.2, height: float = 4.4):
+    fig, axes = plt.subplots(1, n, figsize=(max(width * n, 7.5), height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _by_batch(rows: List[Dict], kind: str) -> Dict[int, Dict[Tuple[str, str], List[Dict]]]:
+    out: Dict[int, Dict[Tuple[str, str], List[Dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["kind"] == kind and r["status"] == "ok":
+            out[r["batch"]][(r["name"], r["backend"])].append(r)
+    for series in out.values():
+        for pts in series.values():
+            pts.sort(key=lambda r: r["L"])
+    return out
+
+
+def _line_figure(data: Dict, source: Path, value: str, ylabel: str, title: str, out: Path) -> Path:
+    rows = data["rows"]
+    groups = _by_batch(rows, "inference")
+    batches = sorted(groups)
+    fig, axes = _panels(max(len(batches), 1))
+    for ax, batch in zip(axes, batches):
+        for (name, backend), pts in sorted(groups[batch].items()):
+            pts = [p for p in pts if p.get(value) not in (None, "")]
+            if not pts:
+                continue
+            xs, ys = [p["L"] for p in pts], [float(p[value]) for p in pts]
+            ax.plot(xs, ys, label=series_label(name, backend), **_style(name, backend))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({r["L"] for r in rows if r["kind"] == "inference"}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_title(f"batch = {batch}")
+        ax.set_xlabel("sequence length L (items)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    nr_h, nr_l = _not_run_handles(rows, "inference")
+    axes[-1].legend(handles + nr_h, labels + nr_l, fontsize=7.5, loc="upper left")
+    fig.suptitle(title)
+    _caption(fig, data, source, "Inference: last-position scores over the whole catalogue "
+             f"({_n_items(rows)} items), width 64, torch.inference_mode.")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _n_items(rows: List[Dict]) -> str:
+    return "3,706" if rows else "?"
+
+
+def plot_latency(data: Dict, source: Path, out: Path) -> Path:
+    return _line_figure(data, source, "mean_ms", "latency per batch (ms, mean)",
+                        "Inference latency vs sequence length", out)
+
+
+def plot_memory(data: Dict, source: Path, out: Path) -> Path:
+    method = next((r["mem_method"] for r in data["rows"] if r.get("mem_method")), "")
+    path = _line_figure(data, source, "peak_mem_mb", "peak memory of one call (MB, above baseline)",
+                        "Inference peak memory vs sequence length", out)
+    return path if method else path
+
+
+def plot_speedup(data: Dict, source: Path, out: Path) -> Path:
+    groups = _by_batch(data["rows"], "inference")
+    batches = sorted(groups)
+    fig, axes = _panels(max(len(batches), 1))
+    for ax, batch in zip(axes, batches):
+        series = groups[batch]
+        m2rec = {k: v for k, v in series.items() if k[0] == "m2rec"}
+        baselines = {k: v for k, v in series.items() if k[0] != "m2rec"}
+        for (mname, mback), mpts in sorted(m2rec.items()):
+            m_by_L = {p["L"]: float(p["mean_ms"]) for p in mpts}
+            for (bname, bback), bpts in sorted(baselines.items()):
+                xs, ys = [], []
+                for p in bpts:
+                    if p["L"] in m_by_L:
+                        xs.append(p["L"])
+                        ys.append(float(p["mean_ms"]) / m_by_L[p["L"]])
+                if not xs:
+                    continue
+                style = dict(color=MODEL_COLORS.get(bname, "black"),
+                             linestyle="-" if mback == "triton" else "--", marker="o")
+                ax.plot(xs, ys, label=f"{series_label(mname, mback)} vs {series_label(bname, bback)}", **style)
+                for x, y in zip(xs, ys):
+                    ax.annotate(f"{y:.2f}x", (x, y), textcoords="offset points", xytext=(0, 5),
+                                ha="center", fontsize=7)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({r["L"] for r in data["rows"] if r["kind"] == "inference"}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_yaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.set_title(f"batch = {batch}")
+        ax.set_xlabel("sequence length L (items)")
+        ax.set_ylabel("speedup (baseline latency / M2Rec latency)")
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    nr_h, nr_l = _not_run_handles([r for r in data["rows"] if r["name"] == "m2rec"], "inference")
+    axes[-1].legend(handles + nr_h, labels + nr_l, fontsize=7.5, loc="best")
+    fig.suptitle("Speedup of M2Rec over each baseline at inference (> 1: M2Rec is faster)")
+    _caption(fig, data, source)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_ops(data: Dict, source: Path, out: Path) -> Path:
+    rows = [r for r in data["rows"] if r["kind"] in PASS_TITLES]
+    backends = [b for b in ("triton", "torch", "torch.fft", "mamba_ssm", "mamba_ssm_ref")
+                if any(r["backend"] == b for r in rows)]
+    fig, axes = _panels(2, width=6.4, height=4.8)
+    notes = {}
+    for ax, kind in zip(axes, PASS_TITLES):
+        cell = {(r["name"], r["backend"]): r for r in rows if r["kind"] == kind}
+        ops = [op for op in OPS if any(k[0] == op for k in cell)]
+        width = 0.8 / max(len(backends), 1)
+        for j, backend in enumerate(backends):
+            for i, op in enumerate(ops):
+                r, ref = cell.get((op, backend)), cell.get((op, "torch"))
+                if r is None:
+                    continue
+                x = i + (j - (len(backends) - 1) / 2) * width
+                if r["status"] != "ok":
+                    ax.bar(x, 1.0, width, color="white", edgecolor="#999999", hatch="//", linewidth=0.6)
+                    ax.text(x, 1.0, "not run", rotation=90, ha="center", va="center", fontsize=7)
+                    notes[backend] = r["reason"]
+                    continue
+                if ref is None or ref["status"] != "ok":
+                    continue
+                speed = float(ref["mean_ms"]) / float(r["mean_ms"])
+                ax.bar(x, speed, width, color=BACKEND_COLORS.get(backend, "black"))
+                ax.text(x, speed, f"{float(r['mean_ms']):.3g} ms", rotation=90, ha="center", va="bottom",
+                        fontsize=6.5)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(ops)))
+        ax.set_xticklabels(ops)
+        ax.set_ylabel("speed relative to the torch reference (x, log)")
+        ax.set_title(PASS_TITLES[kind])
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 0.3), max(hi, 3.0) * 2.5)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=BACKEND_COLORS.get(b, "black")) for b in backends]
+    axes[0].legend(handles, backends, fontsize=8, loc="upper right", title="backend")
+    shapes = _op_shapes(rows)
+    extra = "Shapes: " + shapes
+    if notes:
+        extra += "\nNot run: " + "; ".join(f"{b}: {why}" for b, why in notes.items())
+    fig.suptitle("Op-level speed vs the PyTorch reference (bars labelled with latency per call)")
+    _caption(fig, data, source, textwrap.fill(extra, 170))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _op_shapes(rows: List[Dict]) -> str:
+    parts = {}
+    for r in rows:
+        parts.setdefault(r["name"], f"{r['name']} batch {r['batch']}, L {r['L']}")
+    return "; ".join(parts[op] for op in OPS if op in parts) + " (d_inner 128, N 32 for the scan; d 64 otherwise)."
+
+
+def plot_training(data: Dict, source: Path, out: Path) -> Path:
+    rows = [r for r in data["rows"] if r["kind"] == "training"]
+    configs = sorted({(r["L"], r["batch"]) for r in rows}, key=lambda c: (c[1], c[0]))
+    series = sorted({(r["name"], r["backend"]) for r in rows})
+    fig, axes = _panels(1, width=7.5, height=4.6)
+    ax = axes[0]
+    width = 0.8 / max(len(series), 1)
+    cell = {(r["name"], r["backend"], r["L"], r["batch"]): r for r in rows}
+    for j, (name, backend) in enumerate(series):
+        for i, (L, batch) in enumerate(configs):
+            r = cell.get((name, backend, L, batch))
+            if r is None:
+                continue
+            x = i + (j - (len(series) - 1) / 2) * width
+            if r["status"] != "ok":
+                ax.bar(x, 0, width)
+                ax.text(x, 0, "not run", rotation=90, ha="center", va="bottom", fontsize=7)
+                continue
+            ax.bar(x, float(r["seq_per_s"]), width, color=_style(name, backend)["color"],
+                   hatch="//" if _style(name, backend)["linestyle"] == "--" else None,
+                   edgecolor="white", label=series_label(name, backend) if i == 0 or True else None)
+            ax.text(x, float(r["seq_per_s"]), f"{float(r['seq_per_s']):.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(configs)))
+    ax.set_xticklabels([f"L={L}, batch={b}" for L, b in configs])
+    ax.set_ylabel("training throughput (sequences / s)")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    nr_h, nr_l = _not_run_handles(data["rows"], "training")
+    ax.legend(list(uniq.values()) + nr_h, list(uniq.keys()) + nr_l, fontsize=7.5)
+    ax.set_title("Training step throughput (Adam, all-position cross-entropy over the catalogue)")
+    ax.grid(True, axis="y", alpha=0.3)
+    _caption(fig, data, source)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_results(results_json: Path) -> List[Path]:
+    """Draw every figure for one results file; returns the PNG paths."""
+    results_json = Path(results_json)
+    data = load_results(results_json)
+    tag, out_dir = data.get("machine_tag", "cpu"), results_json.parent
+    pngs = []
+    for what, fn in (("latency", plot_latency), ("memory", plot_memory), ("speedup", plot_speedup),
+                     ("ops", plot_ops), ("training", plot_training)):
+        pngs.append(fn(data, results_json, out_dir / file_name(tag, f"{what}.png")))
+    return pngs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Draw the benchmark plots from bench-*-results.json files.")
+    p.add_argument("--in", dest="in_dir", default=str(Path(__file__).resolve().parent.parent / "reports"),
+                   help="directory holding bench-<tag>-results.json (default: reports/)")
+    args = p.parse_args(argv)
+    files = sorted(Path(args.in_dir).glob("bench-*-results.json"))
+    if not files:
+        print(f"no bench-*-results.json in {args.in_dir}; run python -m bench.run_suite first", file=sys.stderr)
+        return 1
+    for f in files:
+        for png in plot_results(f):
+            print(png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Op benchmarks: each public op of ``m2rec_kernels``, forward and forward+backward, at the model's shapes.
+
+Backends compared per op:
+
+* ``selective_scan`` — ``triton`` (fused kernel), ``torch`` (our reference), ``mamba_ssm`` (its
+  ``selective_scan_fn`` with the CUDA extension, the op a Mamba user would call) and ``mamba_ssm_ref``
+  (mamba_ssm's own PyTorch ``selective_scan_ref``, the only mamba_ssm path on a CPU);
+* ``fft_filter`` (causal mode, K = L taps, n_fft = next power of two >= 2L-1, as the model) —
+  ``triton``, ``torch`` and ``torch.fft`` (the plain rfft/irfft formula FMLP-Rec uses, no checks);
+* ``gated_fusion`` (3 branches) — ``triton`` and ``torch`` (there is no ecosystem op).
+
+Forward runs under ``torch.no_grad``; forward+backward backpropagates a fixed random output gradient into
+every input that a training step would differentiate.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from m2rec_kernels.freq_filter import causal_n_fft, causal_weight
+
+from .availability import mamba_cuda_scan, mamba_reference_scan, triton_not_run_reason
+from .memory_probe import cuda_peak_mb
+from .model_rows import missing_backend
+from .timing import run_timed
+
+PASSES = ("forward", "forward_backward")
+CASES = [
+    ("selective_scan", "triton"), ("selective_scan", "torch"),
+    ("selective_scan", "mamba_ssm"), ("selective_scan", "mamba_ssm_ref"),
+    ("fft_filter", "triton"), ("fft_filter", "torch"), ("fft_filter", "torch.fft"),
+    ("gated_fusion", "triton"), ("gated_fusion", "torch"),
+]
+
+
+def _scan_inputs(batch, L, d, N, device, requires_grad):
+    """Inputs as ``MambaMixer`` passes them: raw delta with a softplus bias, A = -exp(A_log), D skip, z gate."""
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).requires_grad_(requires_grad)
+
+    dt = torch.exp(torch.rand(d, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    delta_bias = (dt + torch.log(-torch.expm1(-dt))).requires_grad_(requires_grad)  # inverse softplus
+    A = (-torch.arange(1, N + 1, device=device, dtype=torch.float32).repeat(d, 1)).requires_grad_(requires_grad)
+    D = torch.ones(d, device=device).requires_grad_(requires_grad)
+    args = dict(u=t(batch, d, L), delta=t(batch, d, L, scale=0.5), A=A, B=t(batch, N, L), C=t(batch, N, L),
+                D=D, z=t(batch, d, L), delta_bias=delta_bias)
+    return args
+
+
+def _scan_call(backend):
+    if backend in ("torch", "triton"):
+        from m2rec_kernels import selective_scan
+
+        return lambda a: selective_scan(**a, delta_softplus=True, backend=backend)
+    fn = (mamba_cuda_scan() if backend == "mamba_ssm" else mamba_reference_scan())[0]
+    return lambda a: fn(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], z=a["z"],
+                        delta_bias=a["delta_bias"], delta_softplus=True)
+
+
+def _filter_inputs(batch, L, d, device, requires_grad):
+    n_fft = causal_n_fft(L, L)
+    kernel = torch.randn(L, d, device=device) * 0.02
+    weight = causal_weight(kernel, n_fft).detach().requires_grad_(requires_grad)
+    x = torch.randn(batch, L, d, device=device).requires_grad_(requires_grad)
+    return dict(x=x, weight=weight, n_fft=n_fft)
+
+
+def _filter_call(backend):
+    if backend == "torch.fft":
+        def plain(a):
+            L, n = a["x"].shape[1], a["n_fft"]
+            spec = torch.fft.rfft(a["x"], n=n, dim=1, norm="ortho") * a["weight"]
+            return torch.fft.irfft(spec, n=n, dim=1, norm="ortho")[:, :L]
+        return plain
+    from m2rec_kernels import fft_filter
+
+    return lambda a: fft_filter(a["x"], a["weight"], a["n_fft"], backend=backend)
+
+
+def _fusion_inputs(batch, L, d, device, requires_grad):
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).requires_grad_(requires_grad)
+
+    return dict(branches=[t(batch, L, d) for _ in range(3)], residual=t(batch, L, d),
+                gate_weight=t(3, 3 * d, scale=0.02), gate_bias=t(3, scale=0.0),
+                ln_weight=(torch.ones(d, device=device)).requires_grad_(requires_grad),
+                ln_bias=t(d, scale=0.0))
+
+
+def _fusion_call(backend, training):
+    from m2rec_kernels import gated_fusion
+
+    return lambda a: gated_fusion(**a, training=training, backend=backend)
+
+
+def _leaves(args):
+    out = []
+    for v in args.values():
+        for t in (v if isinstance(v, list) else [v]):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                out.append(t)
+    return out
+
+
+def _case(op, backend, pass_, grid, device):
+    """(callable timed by the benchmark, shape fields for the results)."""
+    backward = pass_ == "forward_backward"
+    if op == "selective_scan":
+        batch, L, d, N = grid.scan
+        args = _scan_inputs(batch, L, d, N, device, backward)
+        call = _scan_call(backend)
+        shape = dict(batch=batch, L=L, d=d, d_state=N)
+    elif op == "fft_filter":
+        batch, L, d = grid.seq_op
+        args = _filter_inputs(batch, L, d, device, backward)
+        call = _filter_call(backend)
+        shape = dict(batch=batch, L=L, d=d, n_fft=args["n_fft"])
+    else:
+        batch, L, d = grid.seq_op
+        args = _fusion_inputs(batch, L, d, device, backward)
+        call = _fusion_call(backend, training=backward)
+        shape = dict(batch=batch, L=L, d=d, branches=3)
+    if not backward:
+        def forward():
+            with torch.no_grad():
+                return call(args)
+        return forward, shape
+    leaves = _leaves(args)
+    out0 = call(args)
+    grad_out = torch.randn_like(out0)
+
+    def forward_backward():
+        for t in leaves:
+            t.grad = None
+        call(args).backward(grad_out)
+    return forward_backward, shape
+
+
+def _unavailable(op, backend, device):
+    if backend == "triton":
+        return triton_not_run_reason(device)
+    if backend == "mamba_ssm":
+        fn, why = mamba_cuda_scan()
+        return None if fn is not None else why
+    if backend == "mamba_ssm_ref":
+        fn, why = mamba_reference_scan()
+        return None if fn is not None else why
+    return None
+
+
+def _impl_note(op, backend):
+    if backend == "mamba_ssm":
+        return mamba_cuda_scan()[1]
+    if backend == "mamba_ssm_ref":
+        return mamba_reference_scan()[1]
+    if backend == "torch.fft":
+        return "plain torch.fft.rfft/irfft (FMLP-Rec formula)"
+    return f"m2rec_kernels.{op}(backend={backend!r})"
+
+
+@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("op,backend", CASES, ids=[f"{o}-{b}" for o, b in CASES])
+def test_op(benchmark, grid, bench_dev, not_run, op, backend, pass_):
+    kind = f"op_{pass_}"
+    reason = _unavailable(op, backend, bench_dev)
+    shape = dict(zip(("batch", "L"), grid.scan[:2] if op == "selective_scan" else grid.seq_op[:2]))
+    fields = dict(kind=kind, name=op, backend=backend, device=bench_dev.type, **shape)
+    if reason is not None:
+        not_run(reason, **fields)
+    try:
+        fn, shape = _case(op, backend, pass_, grid, bench_dev)
+        fn()  # surfaces a missing backend before timing
+    except (NotImplementedError, ModuleNotFoundError) as exc:
+        if not missing_backend(exc):
+            raise
+        not_run(f"backend not implemented: {exc}", **fields)
+    benchmark.group = f"{op} {pass_}"
+    benchmark.extra_info.update(fields, impl=_impl_note(op, backend), shape=shape, dtype="float32")
+    if bench_dev.type == "cuda":
+        benchmark.extra_info["peak_mem_mb"] = cuda_peak_mb(fn, bench_dev)
+    run_timed(benchmark, fn, bench_dev, grid)

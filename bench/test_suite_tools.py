@@ -1,0 +1,146 @@
+"""Tests of the suite's own tooling (memory probes, tidy results, plots, run_suite end to end).
+
+They use no ``benchmark`` fixture, so ``--benchmark-only`` skips them; the test command runs them.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .availability import triton_not_run_reason
+from .memory_probe import cpu_peak_mb, probe_in_subprocess
+from .plots import plot_results
+from .results import attach_memory, load_results, rows_from_not_run, rows_from_pytest_benchmark, write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_cpu_peak_sees_a_known_allocation():
+    n_bytes = 64 * 2 ** 20
+
+    def allocate():
+        t = torch.ones(n_bytes // 4)  # touched pages: resident
+        return float(t[::4096].sum())
+
+    mb, method = cpu_peak_mb(allocate)
+    if "not resettable" in method:
+        pytest.skip("this kernel refuses /proc/self/clear_refs: the in-process peak cannot be isolated")
+    assert 63.0 <= mb < 64.0 + 32.0, (mb, method)
+
+
+def test_probe_in_fresh_process_bounds_the_score_matrix():
+    # The scores (batch, n_items + 1) in fp32 must be alive at the peak of the call: a lower bound that
+    # does not come from the probe itself.
+    batch, n_items = 16, 200_000
+    row = probe_in_subprocess("sasrec", "sdpa", 8, batch, n_items, timeout=120)
+    assert "error" not in row, row
+    floor = batch * (n_items + 1) * 4 / 2 ** 20
+    assert row["peak_mem_mb"] >= floor, (row, floor)
+    assert row["peak_mem_mb"] < 20 * floor + 200, row
+
+
+def _raw(mean_s, batch, **info):
+    stats = dict(mean=mean_s, median=mean_s * 0.9, stddev=mean_s / 10, min=mean_s / 2, rounds=7)
+    return {"extra_info": dict(info, batch=batch), "stats": stats}
+
+
+def _example_rows():
+    raw = {"benchmarks": [
+        _raw(0.5, 64, kind="inference", name="m2rec", backend="torch", L=200, device="cpu", impl="x"),
+        _raw(2.0, 64, kind="inference", name="sasrec", backend="sdpa", L=200, device="cpu"),
+        _raw(0.25, 64, kind="inference", name="m2rec", backend="torch", L=50, device="cpu"),
+        _raw(1.0, 64, kind="inference", name="sasrec", backend="sdpa", L=50, device="cpu"),
+        _raw(0.004, 64, kind="op_forward", name="fft_filter", backend="torch", L=200, device="cpu"),
+        _raw(0.002, 64, kind="op_forward", name="fft_filter", backend="torch.fft", L=200, device="cpu"),
+        _raw(0.1, 64, kind="training", name="sasrec", backend="sdpa", L=50, device="cpu"),
+        {"extra_info": {}, "stats": {}},  # someone else's benchmark: ignored
+    ]}
+    not_run = [dict(kind="inference", name="m2rec", backend="triton", L=200, batch=64, reason="no CUDA"),
+               dict(kind="op_forward", name="fft_filter", backend="triton", L=200, batch=64, reason="no CUDA")]
+    return rows_from_pytest_benchmark(raw) + rows_from_not_run(not_run)
+
+
+def test_tidy_rows_derive_per_sequence_and_throughput():
+    rows = _example_rows()
+    assert len(rows) == 9
+    r = next(r for r in rows if r["name"] == "m2rec" and r["L"] == 200 and r["status"] == "ok")
+    assert r["mean_ms"] == pytest.approx(500.0)
+    assert r["per_seq_ms"] == pytest.approx(500.0 / 64)
+    assert r["seq_per_s"] == pytest.approx(64 / 0.5)
+    assert r["median_ms"] == pytest.approx(450.0) and r["stddev_ms"] == pytest.approx(50.0)
+    nr = [r for r in rows if r["status"] == "not run"]
+    assert {r["reason"] for r in nr} == {"no CUDA"}
+
+
+def test_memory_probes_attach_to_their_rows_only():
+    rows = attach_memory(_example_rows(), [
+        dict(model="sasrec", backend="sdpa", L=200, batch=64, peak_mem_mb=12.5, method="m"),
+        dict(model="sasrec", backend="sdpa", L=50, batch=64, error="probe exited 1: boom"),
+        dict(model="m2rec", backend="torch", L=999, batch=64, peak_mem_mb=1.0, method="m"),  # no such row
+    ])
+    got = {(r["name"], r["L"]): (r.get("peak_mem_mb"), r.get("mem_method")) for r in rows
+           if r["kind"] == "inference" and r["status"] == "ok"}
+    assert got[("sasrec", 200)] == (12.5, "m")
+    assert got[("sasrec", 50)][0] is None and "boom" in got[("sasrec", 50)][1]
+    assert got[("m2rec", 200)][0] is None
+
+
+def test_results_round_trip_and_plots(tmp_path):
+    rows = _example_rows()
+    meta = {"machine": {"cpu_model": "Test CPU", "cpu_cores": 2, "gpu": None, "torch": "t", "triton": "x",
+                        "utc_time": "2030-01-01T00:00:00Z"}, "machine_tag": "cpu"}
+    paths = write_results(tmp_path, "cpu", rows, meta)
+    with open(paths["csv"]) as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert len(csv_rows) == len(rows)
+    csv_m2rec = next(r for r in csv_rows if r["name"] == "m2rec" and r["L"] == "200" and r["status"] == "ok")
+    assert float(csv_m2rec["per_seq_ms"]) == pytest.approx(500.0 / 64, rel=1e-5)
+    data = load_results(paths["json"])
+    assert data["machine"]["cpu_model"] == "Test CPU" and len(data["rows"]) == len(rows)
+    pngs = plot_results(paths["json"])
+    assert [p.name for p in pngs] == [f"bench-cpu-{w}.png" for w in ("latency", "memory", "speedup", "ops", "training")]
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_load_results_rejects_other_json(tmp_path):
+    bad = tmp_path / "bench-cpu-results.json"
+    bad.write_text(json.dumps({"benchmarks": []}))
+    with pytest.raises(ValueError, match="bench-cpu-results.json"):
+        load_results(bad)
+
+
+def test_triton_rows_are_never_timed_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("M2REC_BENCH_SMOKE", raising=False)
+    assert "never timed" in triton_not_run_reason(torch.device("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "CUDA" in triton_not_run_reason(torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU layout of a smoke run")
+def test_run_suite_smoke_end_to_end(tmp_path):
+    env = dict(os.environ, M2REC_BENCH_SMOKE="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-m", "bench.run_suite", "--out", str(tmp_path), "--",
+                           "-k", "sasrec or (fft_filter and not backward)", "bench/test_bench_inference.py",
+                           "bench/test_bench_ops.py"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = load_results(tmp_path / "bench-cpu-results.json")
+    ok = {(r["kind"], r["name"], r["backend"]) for r in data["rows"] if r["status"] == "ok"}
+    assert ("inference", "sasrec", "sdpa") in ok and ("op_forward", "fft_filter", "torch") in ok
+    # compiled Triton is unavailable here and the interpreter is never timed: recorded, not run
+    triton = [r for r in data["rows"] if r["backend"] == "triton"]
+    assert triton and all(r["status"] == "not run" and r["reason"] for r in triton)
+    sasrec = next(r for r in data["rows"] if r["kind"] == "inference" and r["name"] == "sasrec")
+    assert sasrec["peak_mem_mb"] is not None and sasrec["peak_mem_mb"] >= 0
+    for what in ("raw.json", "results.csv", "latency.png", "memory.png", "speedup.png", "ops.png", "training.png"):
+        assert (tmp_path / f"bench-cpu-{what}").exists(), what

@@ -1,0 +1,89 @@
+"""The model workloads the benchmarks and the memory probes share: model builders and input batches.
+
+Every model runs at width 64 (the paper's hidden size) over a catalogue of ``n_items`` with
+``max_len = L``. M2Rec gets a random, L2-normalised, frozen text table of width 384 so that its semantic
+branch runs (the cost of a real all-MiniLM-L6-v2 table is identical: only its shape matters).
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from m2rec_kernels._backend import resolve_backend
+
+from .grids import D_MODEL, D_STATE, TEXT_DIM
+
+#: (model name, backend label) of every model-level row. The label is what the plots show: M2Rec on
+#: either kernel backend; Mamba4Rec on whatever Mamba it resolves to (recorded in ``impl``); SASRec on SDPA.
+MODEL_CASES = (("m2rec", "triton"), ("m2rec", "torch"), ("mamba4rec", "auto"), ("sasrec", "sdpa"))
+
+
+def random_text_table(n_items: int, dim: int = TEXT_DIM, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    table = torch.nn.functional.normalize(torch.randn(n_items + 1, dim, generator=g), dim=1)
+    table[0] = 0.0  # padding row
+    return table
+
+
+def build_bench_model(name: str, backend: str, n_items: int, max_len: int,
+                      device: torch.device) -> Tuple[torch.nn.Module, Dict[str, str]]:
+    """(model on ``device``, notes for the results) for one row of ``MODEL_CASES``."""
+    from m2rec.models import build_model
+
+    torch.manual_seed(0)
+    if name == "m2rec":
+        model = build_model("m2rec", n_items, d_model=D_MODEL, n_layers=1, max_len=max_len, d_state=D_STATE,
+                            text_embeddings=random_text_table(n_items), backend=backend)
+        notes = {"impl": f"M2Rec backend={backend}, 1 layer, d_state {D_STATE}, causal filter, "
+                         f"frozen random text table ({TEXT_DIM}-d)"}
+    elif name == "mamba4rec":
+        # impl="auto": the real mamba_ssm.Mamba where its CUDA scan exists, else MambaMixer, whose scan
+        # runs on the Triton kernel on CUDA and on the torch reference on CPU (backend "auto").
+        model = build_model("mamba4rec", n_items, d_model=D_MODEL, max_len=max_len, d_state=D_STATE).to(device)
+        if model.mamba_impl == "mamba_ssm":
+            label = "mamba_ssm"
+        else:
+            label = "mixer-" + resolve_backend("auto", "selective_scan", model.item_embedding.weight)
+        notes = {"impl": f"Mamba4Rec, 1 layer, d_state {D_STATE}, Mamba = {model.mamba_impl} ({label})",
+                 "backend_label": label}
+    elif name == "sasrec":
+        model = build_model("sasrec", n_items, d_model=D_MODEL, max_len=max_len)
+        notes = {"impl": "SASRec, 2 layers, 2 heads, F.scaled_dot_product_attention"}
+    else:
+        raise ValueError(f"unknown benchmark model {name!r}; expected one of m2rec, mamba4rec, sasrec")
+    return model.to(device), notes
+
+
+def random_batch(n_items: int, L: int, batch: int, device: torch.device, seed: int = 0):
+    """Full-length sequences (every row has L items) with next-item targets at every position."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(1, n_items + 1, (batch, L + 1), generator=g)
+    lengths = torch.full((batch,), L, dtype=torch.long)
+    return seq[:, :L].to(device), lengths.to(device), seq[:, 1:].contiguous().to(device)
+
+
+def inference_call(model: torch.nn.Module, item_seq, lengths):
+    """The timed inference job: last-position scores over the whole catalogue, no autograd."""
+    model.eval()
+
+    def call():
+        with torch.inference_mode():
+            return model.scores(item_seq, lengths)
+
+    return call
+
+
+def train_step_call(model: torch.nn.Module, item_seq, lengths, targets):
+    """One optimiser step: all-position cross-entropy (every model here is causal), backward, Adam."""
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def call():
+        opt.zero_grad(set_to_none=True)
+        loss = model.loss(item_seq, lengths, targets, all_positions=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return call

@@ -67,20 +67,21 @@ def naive_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, lengths=None
 ):
     """Explicit loops over batch and time in float64; a sequence simply stops updating its state
-    after its length (an independent formulation of the identity-step rule).
+    after its length (an independent formulation of the identity-step rule). Differentiable by
+    autograd (the gradient tests use it as the spec of the hand-written backward).
     Returns (out float64 (batch, dim, L), last_state float64 (batch, dim, N))."""
     f = torch.float64
-    u, delta, A, B, C = (t.detach().to(f) for t in (u, delta, A, B, C))
-    D = None if D is None else D.detach().to(f)
-    z = None if z is None else z.detach().to(f)
-    bias = None if delta_bias is None else delta_bias.detach().to(f)
+    u, delta, A, B, C = (t.to(f) for t in (u, delta, A, B, C))
+    D = None if D is None else D.to(f)
+    z = None if z is None else z.to(f)
+    bias = None if delta_bias is None else delta_bias.to(f)
     batch, dim, L = u.shape
     N = A.shape[1]
-    out = torch.zeros(batch, dim, L, dtype=f, device=u.device)
-    last = torch.zeros(batch, dim, N, dtype=f, device=u.device)
+    outs, lasts = [], []
     for b in range(batch):
         n_valid = L if lengths is None else int(lengths[b])
         h = torch.zeros(dim, N, dtype=f, device=u.device)
+        row = []
         for t in range(L):
             if t < n_valid:
                 dt = delta[b, :, t] if bias is None else delta[b, :, t] + bias
@@ -92,9 +93,10 @@ def naive_scan(
                 o = o + D * u[b, :, t]
             if z is not None:
                 o = o * z[b, :, t] / (1 + torch.exp(-z[b, :, t]))
-            out[b, :, t] = o
-        last[b] = h
-    return out, last
+            row.append(o)
+        outs.append(torch.stack(row, dim=-1) if row else torch.zeros(dim, 0, dtype=f, device=u.device))
+        lasts.append(h)
+    return torch.stack(outs), torch.stack(lasts)
 
 
 def scan_args(kw: dict) -> tuple:

@@ -2,9 +2,16 @@
 
 Same math as mamba_ssm's ``selective_scan_ref`` (state-spaces/mamba,
 ``mamba_ssm/ops/selective_scan_interface.py``): Euler form h_t = exp(Δ_t·A)·h_{t-1} + Δ_t·u_t·B_t,
-y_t = <h_t, C_t>. mamba's reference materialises exp(Δ·A) for the whole sequence, (batch, dim, L, N);
-here time is processed in chunks so that, without autograd, memory is O(batch·dim·N·chunk) plus the
-outputs. Under autograd the per-step states are saved by autograd itself (what backward needs).
+y_t = <h_t, C_t>. mamba's reference materialises exp(Δ·A) for the whole sequence, (batch, dim, L, N),
+and lets autograd keep every step. Here time is processed in chunks of time-major buffers that are
+reused, so memory is O(batch·dim·N·chunk) plus the outputs, in inference and in training alike:
+
+* forward: per chunk, exp(Δ·A) and Δ·u·B in one batched op each, then one in-place fused
+  multiply-add per step, then y for the whole chunk with one bmm;
+* backward (hand-written, DESIGN §9, checked against autograd in the tests): the forward keeps only
+  the state at each chunk start; the backward recomputes a chunk's states from it (never dividing
+  by exp(Δ·A)), walks the chunk in reverse with two in-place ops per step to get dL/dh_t, and forms
+  every gradient of the chunk with batched ops.
 
 The state is kept in fp32 (fp64 when A or u is fp64, so gradcheck works); outputs are in u's dtype.
 Inputs are assumed valid: the public functions in ``m2rec_kernels.scan`` check them.
@@ -15,10 +22,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-# Steps per chunk: bounds the (batch, dim, chunk, N) temporaries while keeping exp and the output
-# contraction batched over the chunk.
-DEFAULT_CHUNK = 32
+# Steps per chunk: bounds the (chunk, batch, dim, N) buffers while keeping exp, the input term and
+# the output contraction batched over the chunk.
+DEFAULT_CHUNK = 16  # the fastest of 8..64 at the model's shapes (2-core CPU): buffers stay in cache
+SOFTPLUS_THRESHOLD = 20.0  # torch's default: softplus(x) = x above it
 
 
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
@@ -42,6 +51,179 @@ def effective_delta(
     return delta
 
 
+def _valid_steps(lengths: Optional[torch.Tensor], batch: int, L: int, dtype, device) -> Optional[torch.Tensor]:
+    """(batch, L) 1.0 where t < length, else 0.0 (Δ = 0 there makes the step the identity)."""
+    if lengths is None:
+        return None
+    return (torch.arange(L, device=device)[None, :] < lengths[:, None]).to(dtype)
+
+
+def _delta_time_major(delta, delta_bias, delta_softplus, valid, t0, t1, dtype):
+    """Δ for steps t0..t1 as a contiguous (T, batch, dim) tensor, lengths mask applied."""
+    dt = effective_delta(delta[:, :, t0:t1], delta_bias, delta_softplus, dtype)
+    if valid is not None:
+        dt = dt * valid[:, None, t0:t1]
+    return dt.permute(2, 0, 1).contiguous()
+
+
+def _time_major(x: torch.Tensor, t0: int, t1: int, dtype) -> torch.Tensor:
+    """x[:, :, t0:t1] of a (batch, *, L) tensor as a contiguous (T, batch, *) tensor."""
+    return x[:, :, t0:t1].permute(2, 0, 1).to(dtype).contiguous()
+
+
+def _run_chunk(h0, dt, u_t, B_t, A, decay, states):
+    """Fill ``decay`` (T, b, d, N) with exp(Δ·A) and ``states`` (T+1, b, d, N) with the state before
+    the chunk (index 0) and after each step (index i + 1). Returns nothing; buffers are reused."""
+    T = dt.shape[0]
+    torch.mul(dt.unsqueeze(-1), A, out=decay)
+    decay.exp_()
+    states[0].copy_(h0)
+    torch.mul((dt * u_t).unsqueeze(-1), B_t.unsqueeze(2), out=states[1:])  # Δ·u·B, then + exp(Δ·A)·h
+    for i in range(T):
+        states[i + 1].addcmul_(decay[i], states[i])
+
+
+def _chunk_output(states_after: torch.Tensor, C_t: torch.Tensor) -> torch.Tensor:
+    """y (T, b, d) = Σ_n h·C for a chunk, as one batched matrix-vector product."""
+    T, b, d, N = states_after.shape
+    return torch.bmm(states_after.reshape(T * b, d, N), C_t.reshape(T * b, N, 1)).view(T, b, d)
+
+
+def _scan_forward(u, delta, A, B, C, delta_bias, delta_softplus, lengths, chunk, keep_checkpoints):
+    """y (batch, dim, L) before D and the gate, the last state, and (optionally) the state at every
+    chunk start (n_chunks, batch, dim, N). No autograd."""
+    cdt = compute_dtype(u, A)
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    dev = u.device
+    A_c = A.to(cdt)
+    valid = _valid_steps(lengths, batch, L, cdt, dev)
+    T_max = max(min(chunk, L), 1)
+    decay_buf = torch.empty(T_max, batch, dim, N, dtype=cdt, device=dev)
+    states_buf = torch.empty(T_max + 1, batch, dim, N, dtype=cdt, device=dev)
+    y = torch.empty(L, batch, dim, dtype=cdt, device=dev)
+    h = torch.zeros(batch, dim, N, dtype=cdt, device=dev)
+    checkpoints = []
+    for t0 in range(0, L, chunk):
+        t1 = min(t0 + chunk, L)
+        T = t1 - t0
+        if keep_checkpoints:
+            checkpoints.append(h)
+        dt = _delta_time_major(delta, delta_bias, delta_softplus, valid, t0, t1, cdt)
+        states = states_buf[: T + 1]
+        _run_chunk(h, dt, _time_major(u, t0, t1, cdt), _time_major(B, t0, t1, cdt), A_c, decay_buf[:T], states)
+        y[t0:t1] = _chunk_output(states[1:], _time_major(C, t0, t1, cdt))
+        h = states[T].clone()  # the buffer is overwritten by the next chunk
+    ckpt = torch.stack(checkpoints) if keep_checkpoints and checkpoints else None
+    return y.permute(1, 2, 0).contiguous(), h, ckpt
+
+
+def _finish_output(y, u, D, z, cdt):
+    out = y if D is None else y + u.to(cdt) * D.to(cdt)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(cdt))
+    return out.to(u.dtype)
+
+
+class _SelectiveScanRefFn(torch.autograd.Function):
+    """The chunked reference with the hand-written chunked backward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, chunk):
+        cdt = compute_dtype(u, A)
+        y, last, ckpt = _scan_forward(u, delta, A, B, C, delta_bias, delta_softplus, lengths, chunk, True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, lengths, ckpt)
+        ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
+        ctx.set_materialize_grads(False)
+        return _finish_output(y, u, D, z, cdt), last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, lengths, ckpt = ctx.saved_tensors
+        chunk = ctx.chunk
+        cdt = compute_dtype(u, A)
+        batch, dim, L = u.shape
+        N = A.shape[1]
+        dev = u.device
+        A_c = A.to(cdt)
+        valid = _valid_steps(lengths, batch, L, cdt, dev)
+        dout = torch.zeros(batch, dim, L, dtype=cdt, device=dev) if dout is None else dout.to(cdt)
+        # gradient reaching y + D·u through the gate
+        g = dout if z is None else dout * F.silu(z.to(cdt))
+        dh = torch.zeros(batch, dim, N, dtype=cdt, device=dev) if dlast is None else dlast.to(cdt).clone()
+
+        T_max = max(min(chunk, L), 1)
+        decay_buf = torch.empty(T_max, batch, dim, N, dtype=cdt, device=dev)
+        states_buf = torch.empty(T_max + 1, batch, dim, N, dtype=cdt, device=dev)
+        dH_buf = torch.empty(T_max, batch, dim, N, dtype=cdt, device=dev)
+        # time-major results: (L, b, d) and (L, b, N)
+        y_all = torch.empty(L, batch, dim, dtype=cdt, device=dev) if z is not None else None
+        dhB_all = torch.empty(L, batch, dim, dtype=cdt, device=dev)  # Σ_n dh·B
+        dEh_all = torch.empty(L, batch, dim, dtype=cdt, device=dev)  # Σ_n dh·A·exp(ΔA)·h_{t-1}
+        dB_all = torch.empty(L, batch, N, dtype=cdt, device=dev)
+        dC_all = torch.empty(L, batch, N, dtype=cdt, device=dev)
+        dA = torch.zeros(dim, N, dtype=cdt, device=dev)
+
+        n_chunks = (L + chunk - 1) // chunk
+        for c in reversed(range(n_chunks)):
+            t0, t1 = c * chunk, min((c + 1) * chunk, L)
+            T = t1 - t0
+            dt = _delta_time_major(delta, delta_bias, ctx.delta_softplus, valid, t0, t1, cdt)
+            u_t = _time_major(u, t0, t1, cdt)
+            B_t = _time_major(B, t0, t1, cdt)
+            C_t = _time_major(C, t0, t1, cdt)
+            g_t = _time_major(g, t0, t1, cdt)
+            decay, states, dH = decay_buf[:T], states_buf[: T + 1], dH_buf[:T]
+            _run_chunk(ckpt[c], dt, u_t, B_t, A_c, decay, states)  # recompute the chunk's states
+            after, before = states[1:], states[:-1]
+            # reverse walk: dH[i] = dL/dh at step i (output term included); dh ← dH[i]·exp(Δ_i·A)
+            for i in reversed(range(T)):
+                torch.addcmul(dh, g_t[i].unsqueeze(-1), C_t[i].unsqueeze(1), out=dH[i])
+                torch.mul(dH[i], decay[i], out=dh)
+            Tb = T * batch
+            if y_all is not None:
+                y_all[t0:t1] = _chunk_output(after, C_t)
+            dC_all[t0:t1] = torch.bmm(after.reshape(Tb, dim, N).transpose(1, 2), g_t.reshape(Tb, dim, 1)).view(T, batch, N)
+            dhB_all[t0:t1] = torch.bmm(dH.reshape(Tb, dim, N), B_t.reshape(Tb, N, 1)).view(T, batch, dim)
+            dB_all[t0:t1] = torch.bmm(dH.reshape(Tb, dim, N).transpose(1, 2), (dt * u_t).reshape(Tb, dim, 1)).view(T, batch, N)
+            P = decay.mul_(dH).mul_(before)  # dh·exp(ΔA)·h_{t-1}, in the decay buffer (no longer needed)
+            dEh_all[t0:t1] = (P * A_c).sum(-1)
+            dA += P.mul_(dt.unsqueeze(-1)).sum((0, 1))
+
+        def batch_major(x):  # (L, b, *) -> (b, *, L)
+            return x.permute(1, 2, 0)
+
+        dt_full = effective_delta(delta, delta_bias, ctx.delta_softplus, cdt)
+        if valid is not None:
+            dt_full = dt_full * valid[:, None, :]
+        u_c = u.to(cdt)
+        dhB = batch_major(dhB_all)
+        du = dt_full * dhB
+        ddelta = u_c * dhB + batch_major(dEh_all)
+        if valid is not None:
+            ddelta = ddelta * valid[:, None, :]
+        if ctx.delta_softplus:
+            x = delta.to(cdt) if delta_bias is None else delta.to(cdt) + delta_bias.to(cdt)[:, None]
+            ddelta = torch.where(x <= SOFTPLUS_THRESHOLD, ddelta * torch.sigmoid(x), ddelta)
+        dD = None
+        if D is not None:
+            du = du + D.to(cdt)[:, None] * g
+            dD = (g * u_c).sum((0, 2)).to(D.dtype)
+        dz = None
+        if z is not None:
+            pre = batch_major(y_all) if D is None else batch_major(y_all) + u_c * D.to(cdt)[:, None]
+            zc = z.to(cdt)
+            sig = torch.sigmoid(zc)
+            dz = (dout * pre * sig * (1 + zc * (1 - sig))).to(z.dtype)  # silu'(z) = σ(1 + z(1 − σ))
+        dbias = None if delta_bias is None else ddelta.sum((0, 2)).to(delta_bias.dtype)
+        return (
+            du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype),
+            batch_major(dB_all).to(B.dtype), batch_major(dC_all).to(C.dtype),
+            dD, dz, dbias, None, None, None,
+        )
+
+
 def selective_scan_ref(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -60,41 +242,15 @@ def selective_scan_ref(
     lengths: (batch,) — steps t >= lengths[b] are identity (decay 1, input 0).
 
     Returns out (batch, dim, L) in u's dtype, and with ``return_last_state`` also the final state
-    (batch, dim, N) in the compute dtype (fp32, or fp64 for fp64 inputs)."""
-    cdt = compute_dtype(u, A)
-    batch, dim, L = u.shape
-    N = A.shape[1]
-    A_c = A.to(cdt)
-    valid = None
-    if lengths is not None:
-        valid = (torch.arange(L, device=u.device)[None, :] < lengths[:, None]).to(cdt)  # (batch, L)
-
-    h = torch.zeros(batch, dim, N, dtype=cdt, device=u.device)
-    ys = []
-    for t0 in range(0, L, chunk):
-        t1 = min(t0 + chunk, L)
-        dt = effective_delta(delta[:, :, t0:t1], delta_bias, delta_softplus, cdt)  # (b, d, T)
-        if valid is not None:
-            dt = dt * valid[:, None, t0:t1]  # Δ = 0 makes the step the identity
-        u_c = u[:, :, t0:t1].to(cdt)
-        decay = torch.exp(dt.unsqueeze(-1) * A_c[:, None, :])  # (b, d, T, N)
-        B_c = B[:, :, t0:t1].to(cdt).transpose(1, 2)  # (b, T, N)
-        drive = (dt * u_c).unsqueeze(-1) * B_c.unsqueeze(1)  # (b, d, T, N)
-        states = []
-        # unbind, not decay[:, :, i]: autograd then stacks the step gradients once instead of
-        # scattering each into a zero tensor of the whole chunk (quadratic in the chunk length).
-        for decay_t, drive_t in zip(decay.unbind(2), drive.unbind(2)):
-            h = torch.addcmul(drive_t, decay_t, h)
-            states.append(h)
-        hs = torch.stack(states, dim=2)  # (b, d, T, N)
-        C_c = C[:, :, t0:t1].to(cdt)  # (b, N, T)
-        ys.append(torch.einsum("bdtn,bnt->bdt", hs, C_c))
-    y = torch.cat(ys, dim=2) if ys else torch.zeros(batch, dim, 0, dtype=cdt, device=u.device)
-    out = y if D is None else y + u.to(cdt) * D.to(cdt)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(cdt))
-    out = out.to(u.dtype)
-    return (out, h) if return_last_state else out
+    (batch, dim, N) in the compute dtype (fp32, or fp64 for fp64 inputs). Differentiable in every
+    floating input (not twice)."""
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        out, last = _SelectiveScanRefFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, chunk)
+    else:
+        y, last, _ = _scan_forward(u, delta, A, B, C, delta_bias, delta_softplus, lengths, chunk, False)
+        out = _finish_output(y, u, D, z, compute_dtype(u, A))
+    return (out, last) if return_last_state else out
 
 
 def selective_state_update_ref(

@@ -34,7 +34,7 @@ class TrainConfig:
     k_core: int = 5
     max_len: int = 50
     epochs: int = 50
-    batch_size: int = 128
+    batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
     patience: int = 5

@@ -141,3 +141,19 @@ def test_cli_errors_are_one_clear_line(argv, message, capsys, tmp_path):
     assert main(argv + (["--out", str(tmp_path / "x")] if argv[0] == "train" else [])) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_quality_report_is_built_from_the_commands_it_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("M2REC_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "report.json"
+    assert main(["quality-report", "--data", "synthetic", "--only", "sasrec", "--epochs", "1",
+                 "--output", str(out), "--runs-dir", str(tmp_path / "runs")]) == 0
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    assert run["name"] == "sasrec" and run["commands"][0].startswith("m2rec train --model sasrec")
+    test = json.loads((tmp_path / "runs" / "sasrec" / "test.json").read_text())
+    assert run["test"]["ndcg@10"] == test["metrics"]["ndcg@10"]  # copied from evaluate's output
+    assert report["embed_items"]["result"]["shape"] == [241, 384]
+    assert report["machine"]["torch"] == torch.__version__
+    assert out.with_suffix(".log").read_text().count("$ m2rec ") == 3
+    assert f"{test['metrics']['hr@10']:.4f}" in out.with_suffix(".md").read_text()

@@ -39,6 +39,8 @@ def machine_info() -> Dict[str, object]:
         "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        # other work on the machine slows every run: the 1/5/15-minute load averages when it started
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     try:
@@ -143,6 +145,8 @@ def quality_report(args) -> int:
                                                 _read_history(out)) / summary["epochs_run"], 2),
             })
             report["total_wall_seconds"] = round(time.perf_counter() - started, 1)
+            if hasattr(os, "getloadavg"):
+                report["load_average_at_end"] = list(os.getloadavg())
             out_json.write_text(json.dumps(report, indent=2) + "\n")  # partial results survive a crash
     table = markdown_table(report)
     out_json.with_suffix(".md").write_text(
@@ -167,7 +171,7 @@ def add_quality_report_parser(sub) -> None:
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--patience", type=int, default=5)
     p.add_argument("--seed", type=int, default=2025)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)

@@ -27,18 +27,30 @@ def _block_n(N: int) -> int:
 INTERPRETER_BLOCK_D = 64
 
 
-def _block_d(batch: int, dim: int, N: int, device: torch.device) -> int:
-    """Channels per program. On a GPU:
-    at most ~4K fp32 state values per program (4 warps: 32 registers per thread for the state), and
-    smaller blocks when that would leave SMs idle (the scan is sequential in time, so the only
-    parallelism is batch × channel blocks)."""
+def _fwd_config(batch: int, dim: int, N: int, device: torch.device):
+    """(BLOCK_D, num_warps) of the forward. The GPU choices come from compiling for sm_90 and reading
+    the register use (no GPU was available to time them): 32 channels × N <= 128 states on 4 warps
+    stays under 255 registers without spilling; smaller blocks (down to 8) when batch × channel
+    blocks would leave SMs idle — the scan is sequential in time, so those are its only parallelism."""
     if triton_interpreter_enabled() or device.type != "cuda":
-        return INTERPRETER_BLOCK_D
-    block = max(16, min(64, 4096 // _block_n(N)))
+        return INTERPRETER_BLOCK_D, 4
+    block_n = _block_n(N)
+    block = 32 if block_n <= 128 else 16
+    warps = 4 if block_n <= 128 else 8
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    while block > 16 and batch * triton.cdiv(dim, block) < 2 * sms:
+    while block > 8 and batch * triton.cdiv(dim, block) < 2 * sms:
         block //= 2
-    return block
+    return block, warps
+
+
+def _bwd_config(N: int, device: torch.device):
+    """(BLOCK_D, num_warps) of the backward, which keeps ~6 state-sized tiles live: 8 channels per
+    program with 1-4 warps by N compiles without spills for N <= 128 (sm_90, as above); 16 and 32
+    channels spilled. Its dB/dC partial buffers are (dim / BLOCK_D, batch, N, L) fp32."""
+    if triton_interpreter_enabled() or device.type != "cuda":
+        return INTERPRETER_BLOCK_D, 4
+    block_n = _block_n(N)
+    return 8, (1 if block_n <= 8 else 2 if block_n <= 32 else 4 if block_n <= 128 else 8)
 
 
 def _chunk(L: int) -> int:
@@ -54,18 +66,18 @@ def _contig(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, store_last, store_ckpt):
     batch, dim, L = u.shape
     N = A.shape[1]
-    BLOCK_D, BLOCK_N, CHUNK = _block_d(batch, dim, N, u.device), _block_n(N), _chunk(L)
+    (BLOCK_D, num_warps), BLOCK_N, CHUNK = _fwd_config(batch, dim, N, u.device), _block_n(N), _chunk(L)
     n_chunks = triton.cdiv(L, CHUNK)
     alloc = torch.zeros if batch * dim == 0 else torch.empty  # the kernel writes all of them
     out = torch.empty_like(u)
     last = alloc(batch, dim, N, device=u.device, dtype=torch.float32) if store_last else None
-    ckpt = alloc(batch, dim, max(n_chunks, 1), N, device=u.device, dtype=torch.float32) if store_ckpt else None
+    ckpt = alloc(batch, max(n_chunks, 1), N, dim, device=u.device, dtype=torch.float32) if store_ckpt else None
     if batch * dim == 0:
         return out, last, ckpt  # nothing to launch (an empty grid is an error)
     dummy = u  # stands in for absent optional pointers (never read: the flag is off)
     grid = (batch, triton.cdiv(dim, BLOCK_D))
     selective_scan_fwd_kernel[grid](
-        u, delta, A, B, C,
+        u, delta, A.t().contiguous(), B, C,
         dummy if D is None else D, dummy if z is None else z,
         dummy if delta_bias is None else delta_bias, dummy if lengths is None else lengths,
         out, dummy if last is None else last, dummy if ckpt is None else ckpt,
@@ -73,7 +85,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, 
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, HAS_LENGTHS=lengths is not None,
         STORE_LAST=store_last, STORE_CKPT=store_ckpt,
-        CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+        CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, num_warps=num_warps,
     )
     return out, last, ckpt
 
@@ -105,7 +117,7 @@ class SelectiveScanFn(torch.autograd.Function):
             dout = torch.zeros_like(u)
         dout = dout.contiguous()
         dlast = None if dlast is None else dlast.contiguous()
-        BLOCK_D, BLOCK_N, CHUNK = _block_d(batch, dim, N, u.device), _block_n(N), _chunk(L)
+        (BLOCK_D, num_warps), BLOCK_N, CHUNK = _bwd_config(N, u.device), _block_n(N), _chunk(L)
         n_chunks = triton.cdiv(L, CHUNK)
         n_dblocks = triton.cdiv(dim, BLOCK_D)
         dev, f32 = u.device, torch.float32
@@ -114,8 +126,8 @@ class SelectiveScanFn(torch.autograd.Function):
         du = torch.empty_like(u)
         ddelta = torch.empty_like(delta)
         dz = torch.empty_like(z) if z is not None else None
-        scratch = torch.empty(batch, dim, CHUNK, N, device=dev, dtype=f32)
-        dA_part = alloc(batch, dim, N, device=dev, dtype=f32)
+        scratch = torch.empty(batch, CHUNK, N, dim, device=dev, dtype=f32)
+        dA_part = alloc(batch, N, dim, device=dev, dtype=f32)
         dB_part = alloc(n_dblocks, batch, N, L, device=dev, dtype=f32)
         dC_part = alloc(n_dblocks, batch, N, L, device=dev, dtype=f32)
         dD_part = alloc(batch, dim, device=dev, dtype=f32) if D is not None else None
@@ -123,7 +135,7 @@ class SelectiveScanFn(torch.autograd.Function):
         dummy = dA_part  # stands in for absent optional pointers (never touched: the flag is off)
         if not empty:
             selective_scan_bwd_kernel[(batch, n_dblocks)](
-                u, delta, A, B, C,
+                u, delta, A.t().contiguous(), B, C,
                 dummy if D is None else D, dummy if z is None else z,
                 dummy if delta_bias is None else delta_bias, dummy if lengths is None else lengths,
                 dout, dummy if dlast is None else dlast, ckpt, scratch,
@@ -133,10 +145,10 @@ class SelectiveScanFn(torch.autograd.Function):
                 batch, dim, L, N, n_chunks,
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                 SOFTPLUS=ctx.delta_softplus, HAS_LENGTHS=lengths is not None, HAS_DLAST=dlast is not None,
-                CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+                CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, num_warps=num_warps,
             )
         # Deterministic host reductions of the per-program partials (fixed order, no atomics).
-        dA = dA_part.sum(0).to(A.dtype)
+        dA = dA_part.sum(0).t().contiguous().to(A.dtype)
         dB = dB_part.sum(0).to(B.dtype)
         dC = dC_part.sum(0).to(C.dtype)
         dD = None if D is None else dD_part.sum(0).to(D.dtype)

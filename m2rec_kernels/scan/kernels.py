@@ -6,6 +6,12 @@ fla-org/flash-linear-attention ``fla/ops/hgrn/fused_recurrent.py`` and sustcsong
 with the extras of mamba_ssm's CUDA scan (delta_bias + softplus, D skip, silu(z) gate) fused in,
 plus per-sequence ``lengths`` (steps t >= length are the identity: Δ is set to 0).
 
+State tiles are (BLOCK_D, BLOCK_N) but every state-sized buffer (A, checkpoints, scratch, dA) is
+laid out (N, dim), contiguous along channels: Triton then maps threads to channels, one thread
+holding a channel's N states, so the sums over N stay inside a thread (compiled for sm_90: no
+spills at BLOCK_D = 32·num_warps, N <= 32; the (dim, N) layout made it split N across lanes and
+spill in the backward).
+
 Backward without storing every state: the forward writes the state at the start of every CHUNK
 steps (fp32 checkpoints, (batch, dim, n_chunks, N)). The backward walks the chunks last to first:
 it recomputes the chunk's states from its checkpoint into a per-program fp32 scratch
@@ -49,8 +55,8 @@ def selective_scan_fwd_kernel(
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (batch, cdiv(dim, BLOCK_D)). u, delta, z, out: (batch, dim, L); B, C: (batch, N, L);
-    A: (dim, N); last: (batch, dim, N) fp32; ckpt: (batch, dim, n_chunks, N) fp32 (state before
-    step c·CHUNK). All contiguous."""
+    A: given TRANSPOSED, (N, dim); last: (batch, dim, N) fp32; ckpt: (batch, n_chunks, N, dim) fp32
+    (state before step c·CHUNK). All contiguous."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -59,7 +65,8 @@ def selective_scan_fwd_kernel(
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
     # Padded lanes load A = 0, B = C = 0: their state stays 0 and adds nothing.
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    tile = offs_n[None, :] * dim + offs_d[:, None]  # (BLOCK_D, BLOCK_N) in an (N, dim) matrix
+    A = tl.load(A_ptr + tile, mask=mask_dn, other=0.0).to(tl.float32)
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -72,12 +79,12 @@ def selective_scan_fwd_kernel(
 
     row = (pid_b * dim + offs_d) * L  # (BLOCK_D,) start of each channel's sequence
     bc = (pid_b * N + offs_n) * L  # (BLOCK_N,)
-    ckpt_base = ((pid_b * dim + offs_d[:, None]) * n_chunks) * N + offs_n[None, :]
+    ckpt_seq = ckpt_ptr + pid_b * n_chunks * N * dim
 
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     for c in range(0, n_chunks):
         if STORE_CKPT:
-            tl.store(ckpt_ptr + ckpt_base + c * N, h, mask=mask_dn)
+            tl.store(ckpt_seq + c * N * dim + tile, h, mask=mask_dn)
         t0 = c * CHUNK
         for t in range(t0, tl.minimum(t0 + CHUNK, L)):
             dt, _ = _step_delta(delta_ptr, bias, row, t, mask_d, t < length, HAS_BIAS, SOFTPLUS)
@@ -107,9 +114,10 @@ def selective_scan_bwd_kernel(
     HAS_LENGTHS: tl.constexpr, HAS_DLAST: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (batch, n_dblocks). Writes du, ddelta, dz (input dtypes) and fp32 partial sums:
-    dA_part, dD_part, dbias_part per sequence ((batch, dim, N), (batch, dim), (batch, dim)) and
-    dB_part, dC_part per channel block ((n_dblocks, batch, N, L)). scratch: (batch, dim, CHUNK, N)."""
+    """Grid (batch, n_dblocks). Layouts as the forward (A as (N, dim), ckpt (batch, n_chunks, N, dim));
+    dlast: (batch, dim, N). Writes du, ddelta, dz (input dtypes) and fp32 partial sums: dA_part,
+    dD_part, dbias_part per sequence ((batch, N, dim), (batch, dim), (batch, dim)) and dB_part,
+    dC_part per channel block ((n_dblocks, batch, N, L)). scratch: (batch, CHUNK, N, dim)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -117,7 +125,8 @@ def selective_scan_bwd_kernel(
     mask_d = offs_d < dim
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    tile = offs_n[None, :] * dim + offs_d[:, None]  # (BLOCK_D, BLOCK_N) in an (N, dim) matrix
+    A = tl.load(A_ptr + tile, mask=mask_dn, other=0.0).to(tl.float32)
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -130,14 +139,14 @@ def selective_scan_bwd_kernel(
 
     row = (pid_b * dim + offs_d) * L
     bc = (pid_b * N + offs_n) * L
-    state_off = (pid_b * dim + offs_d[:, None]) * N + offs_n[None, :]  # into (batch, dim, N)
-    ckpt_base = ((pid_b * dim + offs_d[:, None]) * n_chunks) * N + offs_n[None, :]
-    scratch_base = ((pid_b * dim + offs_d[:, None]) * CHUNK) * N + offs_n[None, :]
+    ckpt_seq = ckpt_ptr + pid_b * n_chunks * N * dim
+    scratch_seq = scratch_ptr + pid_b * CHUNK * N * dim
     part_bc = ((pid_d * batch + pid_b) * N + offs_n) * L  # (BLOCK_N,) into (n_dblocks, batch, N, L)
 
     dh = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # dLoss/dh_t, carried backwards in time
     if HAS_DLAST:
-        dh = tl.load(dlast_ptr + state_off, mask=mask_dn, other=0.0).to(tl.float32)
+        dlast_off = (pid_b * dim + offs_d[:, None]) * N + offs_n[None, :]  # (batch, dim, N) layout
+        dh = tl.load(dlast_ptr + dlast_off, mask=mask_dn, other=0.0).to(tl.float32)
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -147,9 +156,9 @@ def selective_scan_bwd_kernel(
         t0 = c * CHUNK
         t1 = tl.minimum(t0 + CHUNK, L)
         # 1) recompute the chunk forward from its checkpoint; keep the state BEFORE each step
-        h = tl.load(ckpt_ptr + ckpt_base + c * N, mask=mask_dn, other=0.0)
+        h = tl.load(ckpt_seq + c * N * dim + tile, mask=mask_dn, other=0.0)
         for t in range(t0, t1):
-            tl.store(scratch_ptr + scratch_base + (t - t0) * N, h, mask=mask_dn)
+            tl.store(scratch_seq + (t - t0) * N * dim + tile, h, mask=mask_dn)
             dt, _ = _step_delta(delta_ptr, bias, row, t, mask_d, t < length, HAS_BIAS, SOFTPLUS)
             u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             B_t = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
@@ -159,7 +168,7 @@ def selective_scan_bwd_kernel(
         for i in range(0, t1 - t0):
             t = t1 - 1 - i
             valid = t < length
-            h_prev = tl.load(scratch_ptr + scratch_base + (t - t0) * N, mask=mask_dn, other=0.0)
+            h_prev = tl.load(scratch_seq + (t - t0) * N * dim + tile, mask=mask_dn, other=0.0)
             dt, x = _step_delta(delta_ptr, bias, row, t, mask_d, valid, HAS_BIAS, SOFTPLUS)
             u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             B_t = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
@@ -199,7 +208,7 @@ def selective_scan_bwd_kernel(
             tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_d)
         tl.debug_barrier()  # scratch read by all threads before the next chunk overwrites it
 
-    tl.store(dA_part_ptr + state_off, dA_acc, mask=mask_dn)
+    tl.store(dA_part_ptr + pid_b * N * dim + tile, dA_acc, mask=mask_dn)
     if HAS_D:
         tl.store(dD_part_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
     if HAS_BIAS:

@@ -82,6 +82,37 @@ def test_several_channel_blocks(monkeypatch, device):
     _assert_grads_close(grads, want_grads, **FP32_TOL)
 
 
+@pytest.mark.parametrize(
+    "batch,dim,L,N",
+    [(2, 5, 16, 1), (1, 3, 5, 3), (2, 70, 9, 16)],
+    ids=["N1-two-full-chunks", "shorter-than-a-chunk", "dim-over-a-block"],
+)
+def test_edge_shapes(device, batch, dim, L, N):
+    kw = make_scan_inputs(batch, dim, L, N, use_lengths=True, device=device)
+    grad_out = torch.randn(batch, dim, L, device=device)
+    grad_last = torch.randn(batch, dim, N, device=device)
+    out, last, grads = _run(kw, "triton", grad_out, grad_last)
+    want_out, want_last, want_grads = _run(kw, "torch", grad_out, grad_last)
+    torch.testing.assert_close(out, want_out, **FP32_TOL)
+    torch.testing.assert_close(last, want_last, **FP32_TOL)
+    _assert_grads_close(grads, want_grads, **FP32_TOL)
+
+
+def test_gradient_for_a_subset_of_inputs(device):
+    """Only u and delta require grad (A, B, C frozen); strided z and dout (model-like views)."""
+    kw = make_scan_inputs(**ODD, device=device)
+    kw["z"] = torch.randn(ODD["batch"], 2 * ODD["dim"], ODD["L"], device=device)[:, ODD["dim"]:]
+    results = []
+    for backend in ("triton", "torch"):
+        u = kw["u"].clone().requires_grad_()
+        delta = kw["delta"].clone().requires_grad_()
+        out = selective_scan(**dict(kw, u=u, delta=delta), backend=backend)
+        out.transpose(1, 2).contiguous().transpose(1, 2).sum().backward()
+        results.append((out.detach(), u.grad, delta.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **FP32_TOL)
+
+
 def test_forward_only_without_last_state(device):
     kw = make_scan_inputs(**ODD, use_lengths=True, device=device)
     with torch.no_grad():

@@ -6,12 +6,12 @@
   --L 200 --batch 64 --n-items 3706``. It imports torch, builds the model and the inputs, runs one tiny
   warm-up call (lazy start-up of the math libraries), resets the kernel's resident-set high-water mark to
   the current RSS (``/proc/self/clear_refs`` "5", Linux >= 4.0), runs the call once at the configuration
-  and prints, as one JSON line, the peak RSS (``getrusage`` ``ru_maxrss``) minus the RSS just before the
-  call: the memory the call itself needed, weights and inputs excluded, as on the GPU. Where the reset is
+  and prints, as one JSON line, the peak RSS (``VmHWM`` of ``/proc/self/status``) minus the RSS just
+  before the call: the memory the call itself needed, weights and inputs excluded, as on the GPU. Where the reset is
   refused, the baseline is the high-water mark before the call and the JSON says so (``method``), since
   the call's peak is then only visible where it exceeds earlier peaks.
 
-A fresh process matters: ``ru_maxrss`` never goes down, and freed memory kept by the allocator would hide
+A fresh process matters: the high-water mark only goes down by that reset, and freed memory kept by the allocator would hide
 the next configuration's peak.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +45,16 @@ def _current_rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _rss_high_water_mark_bytes() -> int:
+    """VmHWM of this process. Not ``ru_maxrss``: that also keeps the peak of the pre-exec image, i.e. the
+    RSS of the parent this process was forked from, which would swamp small peaks."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise OSError("no VmHWM line in /proc/self/status")
+
+
 def _reset_rss_high_water_mark() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -58,9 +67,9 @@ def _reset_rss_high_water_mark() -> bool:
 def cpu_peak_mb(fn: Callable[[], object]) -> Tuple[float, str]:
     """(MB of RSS the call of ``fn`` added at its peak, method). Meant for a fresh process: see module doc."""
     reset = _reset_rss_high_water_mark()
-    baseline = _current_rss_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = _current_rss_bytes() if reset else _rss_high_water_mark_bytes()
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = _rss_high_water_mark_bytes()
     method = ("fresh process, RSS high-water mark reset before the call" if reset else
               "fresh process, high-water mark not resettable: growth above the earlier peak only")
     return max(peak - baseline, 0) / _MB, method

@@ -104,32 +104,49 @@ def _line_figure(data: Dict, source: Path, value: str, ylabel: str, title: str, 
         ax.set_xlabel("sequence length L (items)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
+    handles, labels = _merged_handles(axes)
     nr_h, nr_l = _not_run_handles(rows, "inference")
-    axes[-1].legend(handles + nr_h, labels + nr_l, fontsize=7.5, loc="upper left")
+    fig.legend(handles + nr_h, labels + nr_l, fontsize=8, loc="center right", frameon=False)
     fig.suptitle(title)
     _caption(fig, data, source, "Inference: last-position scores over the whole catalogue "
-             f"({_n_items(rows)} items), width 64, torch.inference_mode.")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+             f"({_n_items(data)} items), width 64, torch.inference_mode; {_stat_note(value)}.")
+    fig.tight_layout(rect=(0, 0.07, LEGEND_RIGHT, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
 
 
-def _n_items(rows: List[Dict]) -> str:
-    return "3,706" if rows else "?"
+LEGEND_RIGHT = 0.76  # share of the figure width left to the panels; the legend takes the rest
+
+
+def _n_items(data: Dict) -> str:
+    n = data.get("n_items")
+    return f"{int(n):,}" if n else "?"
+
+
+def _stat_note(value: str) -> str:
+    if value == "median_ms":
+        return "median of the timed rounds (robust to other load on the machine)"
+    return "peak above the pre-call baseline, one call (fresh process per point on CPU)"
+
+
+def _merged_handles(axes) -> Tuple[List, List[str]]:
+    """Legend entries of all panels, each label once."""
+    seen: Dict[str, object] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    return list(seen.values()), list(seen.keys())
 
 
 def plot_latency(data: Dict, source: Path, out: Path) -> Path:
-    return _line_figure(data, source, "mean_ms", "latency per batch (ms, mean)",
+    return _line_figure(data, source, "median_ms", "latency per batch (ms, median)",
                         "Inference latency vs sequence length", out)
 
 
 def plot_memory(data: Dict, source: Path, out: Path) -> Path:
-    method = next((r["mem_method"] for r in data["rows"] if r.get("mem_method")), "")
-    path = _line_figure(data, source, "peak_mem_mb", "peak memory of one call (MB, above baseline)",
+    return _line_figure(data, source, "peak_mem_mb", "peak memory of one call (MB, above baseline)",
                         "Inference peak memory vs sequence length", out)
-    return path if method else path
 
 
 def plot_speedup(data: Dict, source: Path, out: Path) -> Path:
@@ -141,20 +158,20 @@ def plot_speedup(data: Dict, source: Path, out: Path) -> Path:
         m2rec = {k: v for k, v in series.items() if k[0] == "m2rec"}
         baselines = {k: v for k, v in series.items() if k[0] != "m2rec"}
         for (mname, mback), mpts in sorted(m2rec.items()):
-            m_by_L = {p["L"]: float(p["mean_ms"]) for p in mpts}
+            m_by_L = {p["L"]: float(p["median_ms"]) for p in mpts}
             for (bname, bback), bpts in sorted(baselines.items()):
                 xs, ys = [], []
                 for p in bpts:
                     if p["L"] in m_by_L:
                         xs.append(p["L"])
-                        ys.append(float(p["mean_ms"]) / m_by_L[p["L"]])
+                        ys.append(float(p["median_ms"]) / m_by_L[p["L"]])
                 if not xs:
                     continue
                 style = dict(color=MODEL_COLORS.get(bname, "black"),
                              linestyle="-" if mback == "triton" else "--", marker="o")
                 ax.plot(xs, ys, label=f"{series_label(mname, mback)} vs {series_label(bname, bback)}", **style)
                 for x, y in zip(xs, ys):
-                    ax.annotate(f"{y:.2f}x", (x, y), textcoords="offset points", xytext=(0, 5),
+                    ax.annotate(f"{y:.3g}x", (x, y), textcoords="offset points", xytext=(0, 5),
                                 ha="center", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
@@ -166,62 +183,72 @@ def plot_speedup(data: Dict, source: Path, out: Path) -> Path:
         ax.set_xlabel("sequence length L (items)")
         ax.set_ylabel("speedup (baseline latency / M2Rec latency)")
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
+    handles, labels = _merged_handles(axes)
     nr_h, nr_l = _not_run_handles([r for r in data["rows"] if r["name"] == "m2rec"], "inference")
-    axes[-1].legend(handles + nr_h, labels + nr_l, fontsize=7.5, loc="best")
+    fig.legend(handles + nr_h, labels + nr_l, fontsize=8, loc="center right", frameon=False)
     fig.suptitle("Speedup of M2Rec over each baseline at inference (> 1: M2Rec is faster)")
-    _caption(fig, data, source)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    _caption(fig, data, source, "Ratio of median latencies per batch at the same L and batch.")
+    fig.tight_layout(rect=(0, 0.07, LEGEND_RIGHT, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
 
 
+def _ms(v: float) -> str:
+    return f"{v:.0f} ms" if v >= 100 else f"{v:.3g} ms"
+
+
 def plot_ops(data: Dict, source: Path, out: Path) -> Path:
     rows = [r for r in data["rows"] if r["kind"] in PASS_TITLES]
-    backends = [b for b in ("triton", "torch", "torch.fft", "mamba_ssm", "mamba_ssm_ref")
-                if any(r["backend"] == b for r in rows)]
+    order = ("triton", "torch", "torch.fft", "mamba_ssm", "mamba_ssm_ref")
+    backends = [b for b in order if any(r["backend"] == b for r in rows)]
+    ran = {b for b in backends if any(r["backend"] == b and r["status"] == "ok" for r in rows)}
     fig, axes = _panels(2, width=6.4, height=4.8)
-    notes = {}
+    notes: Dict[str, str] = {}
+    width = 0.8 / max(len(backends), 1)
     for ax, kind in zip(axes, PASS_TITLES):
         cell = {(r["name"], r["backend"]): r for r in rows if r["kind"] == kind}
         ops = [op for op in OPS if any(k[0] == op for k in cell)]
-        width = 0.8 / max(len(backends), 1)
-        for j, backend in enumerate(backends):
-            for i, op in enumerate(ops):
-                r, ref = cell.get((op, backend)), cell.get((op, "torch"))
-                if r is None:
-                    continue
-                x = i + (j - (len(backends) - 1) / 2) * width
+        for i, op in enumerate(ops):
+            present = [b for b in backends if (op, b) in cell]
+            ref = cell.get((op, "torch"))
+            for j, backend in enumerate(present):
+                r = cell[(op, backend)]
+                x = i + (j - (len(present) - 1) / 2) * width
                 if r["status"] != "ok":
                     ax.bar(x, 1.0, width, color="white", edgecolor="#999999", hatch="//", linewidth=0.6)
-                    ax.text(x, 1.0, "not run", rotation=90, ha="center", va="center", fontsize=7)
-                    notes[backend] = r["reason"]
+                    ax.text(x, 1.0, "not run", rotation=90, ha="center", va="top", fontsize=7,
+                            bbox=dict(facecolor="white", edgecolor="none", pad=0.5))
+                    notes.setdefault(backend, r["reason"])
                     continue
                 if ref is None or ref["status"] != "ok":
                     continue
-                speed = float(ref["mean_ms"]) / float(r["mean_ms"])
+                speed = float(ref["median_ms"]) / float(r["median_ms"])
                 ax.bar(x, speed, width, color=BACKEND_COLORS.get(backend, "black"))
-                ax.text(x, speed, f"{float(r['mean_ms']):.3g} ms", rotation=90, ha="center", va="bottom",
-                        fontsize=6.5)
+                ax.text(x, speed, _ms(float(r["median_ms"])), rotation=90, ha="center", va="bottom", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(
+            [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000]))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(range(len(ops)))
         ax.set_xticklabels(ops)
-        ax.set_ylabel("speed relative to the torch reference (x, log)")
+        ax.set_ylabel("speed vs the torch reference (x, log scale)")
         ax.set_title(PASS_TITLES[kind])
-        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.grid(True, axis="y", which="major", alpha=0.3)
         lo, hi = ax.get_ylim()
-        ax.set_ylim(min(lo, 0.3), max(hi, 3.0) * 2.5)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=BACKEND_COLORS.get(b, "black")) for b in backends]
-    axes[0].legend(handles, backends, fontsize=8, loc="upper right", title="backend")
-    shapes = _op_shapes(rows)
-    extra = "Shapes: " + shapes
+        ax.set_ylim(min(lo, 0.3), max(hi, 3.0) * 3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=BACKEND_COLORS.get(b, "black")) if b in ran else
+               plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="#999999", hatch="//") for b in backends]
+    labels = [b if b in ran else f"{b} (not run)" for b in backends]
+    fig.legend(handles, labels, fontsize=8, loc="center right", frameon=False, title="backend")
+    extra = "Shapes: " + _op_shapes(rows) + " Bars: median latency per call of the torch reference / of the backend."
     if notes:
         extra += "\nNot run: " + "; ".join(f"{b}: {why}" for b, why in notes.items())
-    fig.suptitle("Op-level speed vs the PyTorch reference (bars labelled with latency per call)")
-    _caption(fig, data, source, textwrap.fill(extra, 170))
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.suptitle("Op-level speed relative to the PyTorch reference (bars labelled with median latency per call)")
+    _caption(fig, data, source, "\n".join(textwrap.fill(part, 190) for part in extra.split("\n")))
+    fig.tight_layout(rect=(0, 0.16, 0.86, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
-from .grids import current_grid, machine_tag
+from .grids import D_MODEL, current_grid, machine_tag
 from .machine import machine_info
 from .memory_probe import probe_in_subprocess
 from .results import (attach_memory, file_name, rows_from_not_run, rows_from_pytest_benchmark,
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         probes = run_memory_probes(rows)
         rows = attach_memory(rows, probes)
     meta = {
-        "machine": info, "machine_tag": tag, "grid": grid.mode,
+        "machine": info, "machine_tag": tag, "grid": grid.mode, "n_items": grid.n_items, "d_model": D_MODEL,
         "command": "python -m bench.run_suite " + " ".join(argv if argv is not None else sys.argv[1:]),
         "pytest_exit": bench["rc"], "failed_tests": bench["failures"], "pytest_seconds": round(bench["seconds"], 1),
         "memory_probes": probes,

@@ -49,10 +49,16 @@ def _style(name: str, backend: str) -> Dict:
 
 
 def _caption(fig, data: Dict, source: Path, extra: str = "") -> None:
-    text = f"Machine: {short_label(data['machine'])}.  Numbers from {source.name}."
+    lines = [f"Machine: {short_label(data['machine'])}."]
+    second = f"Numbers from {source.name}."
+    load = data.get("load_average_during_run")
+    if load:
+        second += (f"  Load average (1 min) at start / end of the run: {load[0]:g} / {load[1]:g} on "
+                   f"{data['machine'].get('cpu_cores')} cores (other work shared the machine).")
+    lines.append(second)
     if extra:
-        text += "\n" + extra
-    fig.text(0.5, 0.005, text, ha="center", va="bottom", fontsize=7.5, color="#333333", wrap=True)
+        lines.append(extra)
+    fig.text(0.5, 0.005, "\n".join(lines), ha="center", va="bottom", fontsize=7.5, color="#333333")
 
 
 def _not_run_handles(rows: List[Dict], kind: str) -> Tuple[List, List[str]]:
@@ -104,19 +110,20 @@ def _line_figure(data: Dict, source: Path, value: str, ylabel: str, title: str, 
         ax.set_xlabel("sequence length L (items)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
+        _plain_log_labels(ax.yaxis)
     handles, labels = _merged_handles(axes)
     nr_h, nr_l = _not_run_handles(rows, "inference")
     fig.legend(handles + nr_h, labels + nr_l, fontsize=8, loc="center right", frameon=False)
     fig.suptitle(title)
     _caption(fig, data, source, "Inference: last-position scores over the whole catalogue "
              f"({_n_items(data)} items), width 64, torch.inference_mode; {_stat_note(value)}.")
-    fig.tight_layout(rect=(0, 0.07, LEGEND_RIGHT, 1))
+    fig.tight_layout(rect=(0, 0.09, LEGEND_RIGHT, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
 
 
-LEGEND_RIGHT = 0.76  # share of the figure width left to the panels; the legend takes the rest
+LEGEND_RIGHT = 0.72  # share of the figure width left to the panels; the legend takes the rest
 
 
 def _n_items(data: Dict) -> str:
@@ -128,6 +135,19 @@ def _stat_note(value: str) -> str:
     if value == "median_ms":
         return "median of the timed rounds (robust to other load on the machine)"
     return "peak above the pre-call baseline, one call (fresh process per point on CPU)"
+
+
+def _plain_log_labels(axis) -> None:
+    """Plain numbers (0.5, 2, 300) instead of 5x10^-1 on a log axis; minor ticks at 2 and 5 labelled
+    only when the axis spans less than two decades."""
+    lo, hi = axis.get_view_interval()
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(plain)
+    if lo > 0 and hi / lo < 100:
+        axis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
+        axis.set_minor_formatter(plain)
+    else:
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _merged_handles(axes) -> Tuple[List, List[str]]:
@@ -178,7 +198,7 @@ def plot_speedup(data: Dict, source: Path, out: Path) -> Path:
         ax.set_yscale("log")
         ax.set_xticks(sorted({r["L"] for r in data["rows"] if r["kind"] == "inference"}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.get_yaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        _plain_log_labels(ax.yaxis)
         ax.set_title(f"batch = {batch}")
         ax.set_xlabel("sequence length L (items)")
         ax.set_ylabel("speedup (baseline latency / M2Rec latency)")
@@ -188,7 +208,7 @@ def plot_speedup(data: Dict, source: Path, out: Path) -> Path:
     fig.legend(handles + nr_h, labels + nr_l, fontsize=8, loc="center right", frameon=False)
     fig.suptitle("Speedup of M2Rec over each baseline at inference (> 1: M2Rec is faster)")
     _caption(fig, data, source, "Ratio of median latencies per batch at the same L and batch.")
-    fig.tight_layout(rect=(0, 0.07, LEGEND_RIGHT, 1))
+    fig.tight_layout(rect=(0, 0.09, LEGEND_RIGHT, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
@@ -209,6 +229,7 @@ def plot_ops(data: Dict, source: Path, out: Path) -> Path:
     for ax, kind in zip(axes, PASS_TITLES):
         cell = {(r["name"], r["backend"]): r for r in rows if r["kind"] == kind}
         ops = [op for op in OPS if any(k[0] == op for k in cell)]
+        speeds = [1.0]
         for i, op in enumerate(ops):
             present = [b for b in backends if (op, b) in cell]
             ref = cell.get((op, "torch"))
@@ -224,6 +245,7 @@ def plot_ops(data: Dict, source: Path, out: Path) -> Path:
                 if ref is None or ref["status"] != "ok":
                     continue
                 speed = float(ref["median_ms"]) / float(r["median_ms"])
+                speeds.append(speed)
                 ax.bar(x, speed, width, color=BACKEND_COLORS.get(backend, "black"))
                 ax.text(x, speed, _ms(float(r["median_ms"])), rotation=90, ha="center", va="bottom", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
@@ -237,8 +259,7 @@ def plot_ops(data: Dict, source: Path, out: Path) -> Path:
         ax.set_ylabel("speed vs the torch reference (x, log scale)")
         ax.set_title(PASS_TITLES[kind])
         ax.grid(True, axis="y", which="major", alpha=0.3)
-        lo, hi = ax.get_ylim()
-        ax.set_ylim(min(lo, 0.3), max(hi, 3.0) * 3)
+        ax.set_ylim(min(min(speeds) / 2, 0.3), max(max(speeds), 3.0) * 4)
     handles = [plt.Rectangle((0, 0), 1, 1, color=BACKEND_COLORS.get(b, "black")) if b in ran else
                plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="#999999", hatch="//") for b in backends]
     labels = [b if b in ran else f"{b} (not run)" for b in backends]
@@ -248,7 +269,7 @@ def plot_ops(data: Dict, source: Path, out: Path) -> Path:
         extra += "\nNot run: " + "; ".join(f"{b}: {why}" for b, why in notes.items())
     fig.suptitle("Op-level speed relative to the PyTorch reference (bars labelled with median latency per call)")
     _caption(fig, data, source, "\n".join(textwrap.fill(part, 190) for part in extra.split("\n")))
-    fig.tight_layout(rect=(0, 0.16, 0.86, 1))
+    fig.tight_layout(rect=(0, 0.2, 0.86, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
@@ -279,13 +300,14 @@ def plot_training(data: Dict, source: Path, out: Path) -> Path:
                 ax.bar(x, 0, width)
                 ax.text(x, 0, "not run", rotation=90, ha="center", va="bottom", fontsize=7)
                 continue
-            ax.bar(x, float(r["seq_per_s"]), width, color=_style(name, backend)["color"],
+            rate = batch / (float(r["median_ms"]) / 1e3)
+            ax.bar(x, rate, width, color=_style(name, backend)["color"],
                    hatch="//" if _style(name, backend)["linestyle"] == "--" else None,
-                   edgecolor="white", label=series_label(name, backend) if i == 0 or True else None)
-            ax.text(x, float(r["seq_per_s"]), f"{float(r['seq_per_s']):.0f}", ha="center", va="bottom", fontsize=7)
+                   edgecolor="white", label=series_label(name, backend))
+            ax.text(x, rate, f"{rate:.3g}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(configs)))
     ax.set_xticklabels([f"L={L}, batch={b}" for L, b in configs])
-    ax.set_ylabel("training throughput (sequences / s)")
+    ax.set_ylabel("training throughput (sequences / s, batch / median step time)")
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
     nr_h, nr_l = _not_run_handles(data["rows"], "training")
@@ -293,7 +315,7 @@ def plot_training(data: Dict, source: Path, out: Path) -> Path:
     ax.set_title("Training step throughput (Adam, all-position cross-entropy over the catalogue)")
     ax.grid(True, axis="y", alpha=0.3)
     _caption(fig, data, source)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out

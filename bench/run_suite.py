@@ -116,6 +116,8 @@ def main(argv=None) -> int:
         "pytest_exit": bench["rc"], "failed_tests": bench["failures"], "pytest_seconds": round(bench["seconds"], 1),
         "memory_probes": probes,
     }
+    if hasattr(os, "getloadavg"):  # other work on the machine slows every row: say how busy it was
+        meta["load_average_during_run"] = [info["load_average_1m_5m_15m"][0], round(os.getloadavg()[0], 2)]
     meta["suite_seconds"] = round(time.time() - t_start, 1)  # before plots; updated below
     paths = write_results(out, tag, rows, meta)
     log(f"wrote {paths['csv']} and {paths['json']} ({len(rows)} rows, "

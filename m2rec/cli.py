@@ -58,7 +58,8 @@ def cmd_train(args) -> int:
         patience=args.patience, last_position=args.last_position, seed=args.seed, device=args.device,
         backend=args.backend, threads=args.threads, eval_batch_size=args.eval_batch_size,
         d_model=args.d_model, n_layers=args.n_layers, dropout=args.dropout, use_text=not args.no_text,
-        use_frequency=not args.no_frequency, filter=args.filter, text_model_dir=args.text_model_dir,
+        use_frequency=not args.no_frequency, filter=args.filter, text_embeddings=args.text_embeddings,
+        text_model_dir=args.text_model_dir,
         cache_dir=args.cache_dir, progress=not args.no_progress)
     train(cfg, log=lambda msg: print(msg, flush=True))
     return 0
@@ -69,7 +70,8 @@ def cmd_evaluate(args) -> int:
 
     from .checkpoint import check_same_data, load_checkpoint
     from .data import load_dataset
-    from .evaluation import evaluate
+    from .evaluation import rank_targets
+    from .metrics import metrics_from_ranks, standard_errors
     _threads(args.threads)
     model, ckpt = load_checkpoint(args.checkpoint, device=args.device)
     spec = ckpt["data"]
@@ -77,10 +79,12 @@ def cmd_evaluate(args) -> int:
     check_same_data(ckpt, data, args.data or spec["spec"])
     max_len = ckpt["train_config"]["max_len"]
     t0 = time.perf_counter()
-    metrics = evaluate(model, data, args.split, max_len, args.batch_size, torch.device(args.device))
+    ranks = rank_targets(model, data, args.split, max_len, args.batch_size, torch.device(args.device))
+    metrics = dict(metrics_from_ranks(ranks), n_users=len(ranks))
     result = {"checkpoint": str(args.checkpoint), "model": ckpt["model_name"], "data": data.name,
               "split": args.split, "epoch": ckpt["epoch"], "max_len": max_len,
               "model_kwargs": ckpt["model_kwargs"], "metrics": metrics,
+              "standard_errors": standard_errors(ranks),
               "seconds": round(time.perf_counter() - t0, 2)}
     text = json.dumps(result, indent=2)
     print(text)
@@ -140,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="M2Rec without the frequency branch (ablation)")
     p.add_argument("--filter", choices=("causal", "circular"), default="causal",
                    help="M2Rec frequency filter (circular = FMLP-Rec's, last-position training only)")
+    p.add_argument("--text-embeddings", default=None,
+                   help="M2Rec's frozen text table: a saved (n_items + 1, d) tensor (default: the "
+                        "embed-items cache for this data set, computed if missing)")
     p.add_argument("--text-model-dir", default=None, help="encoder for the item texts (see embed-items)")
     p.add_argument("--cache-dir", default=None, help="text-embedding cache directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -21,11 +21,21 @@ def needs_full_width(model: torch.nn.Module) -> bool:
     return getattr(model, "filter_mode", None) == "circular" and getattr(model, "use_frequency", False)
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, data: SequenceData, split: str = "test", max_len: Optional[int] = None,
              batch_size: int = 256, device: Union[str, torch.device, None] = None,
              ks: Iterable[int] = (10, 20)) -> Dict[str, float]:
     """Mean HR@K, NDCG@K, MRR@K over all users for ``split`` ("valid" or "test")."""
+    ranks = rank_targets(model, data, split, max_len, batch_size, device)
+    out = metrics_from_ranks(ranks, ks)
+    out["n_users"] = len(ranks)
+    return out
+
+
+@torch.no_grad()
+def rank_targets(model: torch.nn.Module, data: SequenceData, split: str = "test",
+                 max_len: Optional[int] = None, batch_size: int = 256,
+                 device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """Each user's 1-based rank of the held-out item among all items, for ``split``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     max_len = max_len or model.max_len
@@ -49,6 +59,4 @@ def evaluate(model: torch.nn.Module, data: SequenceData, split: str = "test", ma
             ranks.append(target_ranks(scores.float(), batch_targets).cpu())
     finally:
         model.train(was_training)
-    out = metrics_from_ranks(torch.cat(ranks), ks)
-    out["n_users"] = len(targets)
-    return out
+    return torch.cat(ranks)

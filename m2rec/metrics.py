@@ -41,21 +41,36 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (scores >= target_scores).sum(dim=1)
 
 
-def metrics_from_ranks(ranks: torch.Tensor, ks: Iterable[int] = (10, 20)) -> Dict[str, float]:
-    """Mean HR@K, NDCG@K, MRR@K over users, keys like ``"ndcg@10"``."""
+def per_user_metrics(ranks: torch.Tensor, ks: Iterable[int] = (10, 20)) -> Dict[str, torch.Tensor]:
+    """Each user's HR@K, NDCG@K, MRR@K (float64 tensors of shape (n_users,)), keys like ``"ndcg@10"``."""
     ranks = torch.as_tensor(ranks).double()
     if ranks.dim() != 1 or ranks.numel() == 0:
         raise ValueError(f"ranks must be a non-empty 1-D tensor, got shape {tuple(ranks.shape)}")
     if bool((ranks < 1).any()):
         raise ValueError("ranks are 1-based and must be >= 1")
-    out: Dict[str, float] = {}
+    out: Dict[str, torch.Tensor] = {}
     for k in ks:
         if int(k) < 1:
             raise ValueError(f"K must be >= 1, got {k}")
         hit = ranks <= k
-        out[f"hr@{k}"] = hit.double().mean().item()
-        out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 1.0), 0.0).mean().item()
-        out[f"mrr@{k}"] = torch.where(hit, 1.0 / ranks, 0.0).mean().item()
+        out[f"hr@{k}"] = hit.double()
+        out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 1.0), 0.0)
+        out[f"mrr@{k}"] = torch.where(hit, 1.0 / ranks, 0.0)
+    return out
+
+
+def metrics_from_ranks(ranks: torch.Tensor, ks: Iterable[int] = (10, 20)) -> Dict[str, float]:
+    """Mean HR@K, NDCG@K, MRR@K over users, keys like ``"ndcg@10"``."""
+    return {name: values.mean().item() for name, values in per_user_metrics(ranks, ks).items()}
+
+
+def standard_errors(ranks: torch.Tensor, ks: Iterable[int] = (10, 20)) -> Dict[str, float]:
+    """Standard error of each mean metric over users (sample std / sqrt(n)): how far two models'
+    numbers must differ before the gap is more than evaluation noise."""
+    out = {}
+    for name, values in per_user_metrics(ranks, ks).items():
+        n = values.numel()
+        out[name] = (values.std(unbiased=True) / n ** 0.5).item() if n > 1 else float("nan")
     return out
 
 

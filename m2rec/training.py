@@ -52,6 +52,7 @@ class TrainConfig:
     use_text: bool = True
     use_frequency: bool = True
     filter: str = "causal"
+    text_embeddings: Optional[str] = None  # a saved (n_items + 1, d) table instead of the cache
     text_model_dir: Optional[str] = None
     cache_dir: Optional[str] = None
     progress: bool = True
@@ -62,13 +63,16 @@ class TrainConfig:
         if self.model != "m2rec":
             for flag, value, default in (("--no-text", self.use_text, True),
                                          ("--no-frequency", self.use_frequency, True),
-                                         ("--filter", self.filter, "causal")):
+                                         ("--filter", self.filter, "causal"),
+                                         ("--text-embeddings", self.text_embeddings, None)):
                 if value != default:
                     raise ValueError(f"{flag} applies to --model m2rec only, not {self.model}")
         for name in ("max_len", "epochs", "batch_size", "patience", "eval_batch_size", "d_model"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.text_embeddings and not self.use_text:
+            raise ValueError("--text-embeddings and --no-text contradict each other")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -89,6 +93,22 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def load_text_table(path: str, n_items: int) -> torch.Tensor:
+    """A table saved with ``torch.save`` (e.g. by ``m2rec embed-items``), checked against the data."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--text-embeddings {path}: no such file")
+    try:
+        table = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--text-embeddings {path}: not a saved tensor ({type(e).__name__}: {e})") from None
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or not table.dtype.is_floating_point:
+        raise ValueError(f"--text-embeddings {path}: expected a 2-D float tensor (n_items + 1, d)")
+    if table.shape[0] != n_items + 1:
+        raise ValueError(f"--text-embeddings {path}: has {table.shape[0]} rows, the data set needs "
+                         f"n_items + 1 = {n_items + 1} (row 0 = padding)")
+    return table.float()
 
 
 def model_kwargs_for(cfg: TrainConfig, text_dim: Optional[int]) -> Dict[str, Any]:
@@ -124,7 +144,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
         f"interactions ({cfg.k_core}-core, leave-one-out)")
 
     text_table, text_info = None, None
-    if cfg.model == "m2rec" and cfg.use_text:
+    if cfg.model == "m2rec" and cfg.text_embeddings:
+        text_table = load_text_table(cfg.text_embeddings, data.n_items)
+        text_info = {"file": cfg.text_embeddings, "dim": int(text_table.shape[1])}
+        log(f"text embeddings {tuple(text_table.shape)} from {cfg.text_embeddings}")
+    elif cfg.model == "m2rec" and cfg.use_text:
         from .text_embeddings import item_text_table
         text_table, path, hit = item_text_table(data.name, data.item_texts, cfg.text_model_dir,
                                                 cfg.cache_dir, device=device, progress=cfg.progress)

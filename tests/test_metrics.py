@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from m2rec.metrics import metrics_from_ranks, random_baseline, target_ranks
+from m2rec.metrics import metrics_from_ranks, random_baseline, standard_errors, target_ranks
 
 NEG_INF = float("-inf")
 
@@ -77,3 +77,12 @@ def test_random_baseline_matches_simulation():
     assert exact["hr@10"] == pytest.approx(10 / n)
     ranks = torch.arange(1, n + 1)  # every rank once = the expectation over a uniform rank
     assert metrics_from_ranks(ranks, ks=(10,)) == pytest.approx(exact)
+
+
+def test_standard_errors_by_hand():
+    # ranks 1 and 20, K = 10: HR values 1 and 0 -> mean 0.5, sample std sqrt(0.5) = 0.7071,
+    # SE = 0.7071 / sqrt(2) = 0.5. NDCG values 1 and 0 the same; MRR values 1 and 0 the same.
+    se = standard_errors(torch.tensor([1, 20]), ks=(10,))
+    assert se == pytest.approx({"hr@10": 0.5, "ndcg@10": 0.5, "mrr@10": 0.5})
+    # ranks 3, 3: every user identical -> no spread
+    assert standard_errors(torch.tensor([3, 3]), ks=(10,))["ndcg@10"] == 0.0

@@ -157,3 +157,18 @@ def test_quality_report_is_built_from_the_commands_it_runs(tmp_path, monkeypatch
     assert report["machine"]["torch"] == torch.__version__
     assert out.with_suffix(".log").read_text().count("$ m2rec ") == 3
     assert f"{test['metrics']['hr@10']:.4f}" in out.with_suffix(".md").read_text()
+
+
+def test_text_embeddings_from_a_file(tmp_path, tiny_dir):
+    n_items = load_dataset(str(tiny_dir)).n_items
+    table = torch.nn.functional.normalize(torch.randn(n_items + 1, 16), dim=1)
+    table[0] = 0
+    torch.save(table, tmp_path / "table.pt")
+    result = train(small_config(tmp_path, tiny_dir, model="m2rec", text_embeddings=str(tmp_path / "table.pt")),
+                   log=quiet)
+    model, _ = load_checkpoint(result.checkpoint)
+    assert torch.equal(model.text_embeddings, table)
+    torch.save(table[:-1], tmp_path / "short.pt")
+    with pytest.raises(ValueError, match=f"needs n_items \\+ 1 = {n_items + 1}"):
+        train(small_config(tmp_path / "b", tiny_dir, model="m2rec", text_embeddings=str(tmp_path / "short.pt")),
+              log=quiet)

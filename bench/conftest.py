@@ -2,6 +2,7 @@
 
 * Nothing here sets ``TRITON_INTERPRET``: a timing run must use compiled Triton (CUDA) or none at all.
   The test command sets it itself (together with ``M2REC_BENCH_SMOKE=1`` and ``--benchmark-disable``).
+* CPU timings use ``M2REC_BENCH_THREADS`` math threads (default 1, see ``grids.cpu_threads``).
 * Rows that cannot run on this machine (Triton without CUDA, mamba_ssm's CUDA scan when it is missing,
   a backend that is not implemented yet) are recorded with the ``not_run`` fixture and then skipped;
   when ``M2REC_BENCH_NOT_RUN_FILE`` names a file, they are written there as JSON at the end of the
@@ -15,13 +16,16 @@ import os
 import pytest
 import torch
 
-from .grids import bench_device, current_grid
+from .grids import bench_device, cpu_threads, current_grid, smoke_mode
 
 _NOT_RUN_KEY = pytest.StashKey[list]()
 
 
 def pytest_configure(config):
     config.stash[_NOT_RUN_KEY] = []
+    if not torch.cuda.is_available() and not smoke_mode():
+        # timing runs only (the smoke run shares its process with tests/): see grids.cpu_threads
+        torch.set_num_threads(cpu_threads())
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -35,6 +35,24 @@ def machine_tag() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_threads() -> int:
+    """Math threads for CPU timings: ``M2REC_BENCH_THREADS``, default 1.
+
+    One thread by default because CPU machines here are shared: with two OpenMP threads on two busy
+    cores every parallel region waits for a descheduled thread, and a Mamba forward (thousands of small
+    parallel regions) measured 13x slower than on one thread, while SASRec (few large ops) lost far less
+    — the ratios between models would measure the neighbours. Set it to the core count on a dedicated
+    machine."""
+    raw = os.environ.get("M2REC_BENCH_THREADS", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"M2REC_BENCH_THREADS must be a positive integer, got {raw!r}") from None
+    if n < 1:
+        raise ValueError(f"M2REC_BENCH_THREADS must be a positive integer, got {raw!r}")
+    return n
+
+
 def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -70,13 +88,13 @@ GPU = Grid(
     max_rounds=100,
 )
 
-# Measured on a 2-core Xeon (shared with other work): at batch 64 and L = 1000 one forward of the Mamba
-# models costs 5-15 s (the torch scan updates a (64, 128, 32) state 1000 times) and a training step at
-# L = 200 about as much, so L = 2000 and batch 256 are left to the GPU grid and training runs at batch 32.
+# Measured on a 2-core Xeon, one thread: at batch 64 one forward of the Mamba models costs ~0.25 s at
+# L = 200 and ~1.5 s at L = 1000 (the torch scan updates a (64, 128, 32) state L times), ~3 s at L = 2000;
+# batch 256 is left to the GPU grid and training runs at batch 32, so the suite stays within minutes.
 CPU = Grid(
     mode="cpu",
     n_items=N_ITEMS_ML1M,
-    inference=_product((50, 200, 1000), (64,)) + _product((50, 200, 1000), (1,)),
+    inference=_product((50, 200, 1000, 2000), (64,)) + _product((50, 200, 1000, 2000), (1,)),
     training=_product((50, 200), (32,)),
     scan=(64, 200, EXPAND * D_MODEL, D_STATE),
     seq_op=(64, 200, D_MODEL),

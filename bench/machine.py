@@ -60,6 +60,8 @@ def short_label(info: Dict[str, object]) -> str:
         where = f"{info['gpu']} (CUDA {info.get('cuda')})"
     else:
         cpu = re.sub(r"\s+", " ", str(info.get("cpu_model", "CPU")))
-        where = f"{cpu}, {info.get('cpu_cores')} cores, no GPU"
+        threads = info.get("timing_threads")
+        used = f" (timed on {threads} thread{'s' if threads != 1 else ''})" if threads else ""
+        where = f"{cpu}, {info.get('cpu_cores')} cores{used}, no GPU"
     date = str(info.get("utc_time", ""))[:16].replace("T", " ")
     return f"{where} - torch {info.get('torch')}, triton {info.get('triton')} - {date} UTC"

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
-from .grids import D_MODEL, current_grid, machine_tag
+from .grids import D_MODEL, cpu_threads, current_grid, machine_tag
 from .machine import machine_info
 from .memory_probe import probe_in_subprocess
 from .results import (attach_memory, file_name, rows_from_not_run, rows_from_pytest_benchmark,
@@ -42,6 +42,8 @@ def run_pytest(out: Path, tag: str, work: Path, extra: List[str]) -> Dict:
     raw = out / file_name(tag, "raw.json")
     not_run_file, junit = work / "not-run.json", work / "junit.xml"
     env = dict(os.environ, M2REC_BENCH_NOT_RUN_FILE=str(not_run_file))
+    if tag == "cpu":  # the math libraries follow the same thread count as torch (grids.cpu_threads)
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(cpu_threads())
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", f"--benchmark-json={raw}",
@@ -111,7 +113,8 @@ def main(argv=None) -> int:
         probes = run_memory_probes(rows)
         rows = attach_memory(rows, probes)
     meta = {
-        "machine": info, "machine_tag": tag, "grid": grid.mode, "n_items": grid.n_items, "d_model": D_MODEL,
+        "machine": dict(info, timing_threads=cpu_threads() if tag == "cpu" else None),
+        "machine_tag": tag, "grid": grid.mode, "n_items": grid.n_items, "d_model": D_MODEL,
         "command": "python -m bench.run_suite " + " ".join(argv if argv is not None else sys.argv[1:]),
         "pytest_exit": bench["rc"], "failed_tests": bench["failures"], "pytest_seconds": round(bench["seconds"], 1),
         "memory_probes": probes,

@@ -141,11 +141,11 @@ def _case(op, backend, pass_, grid, device):
 
 # mamba_ssm's selective_scan_ref indexes one step at a time out of (b, d, L, N) tensors; on the way back
 # autograd scatters each step's gradient into a zero tensor of the whole sequence, so its backward is
-# quadratic in L: a trial run on the 2-core CPU took ~100 s per call at the model's shapes, more than
+# quadratic in L: trial runs on the 2-core CPU took 100-160 s per call at the model's shapes, more than
 # the whole CPU suite may take. On CUDA the same pattern is fast enough to time.
 SLOW_REF_BACKWARD = ("mamba_ssm's selective_scan_ref backward is quadratic in L (it scatters every step's "
-                     "gradient into a zero (b, d, L, N) tensor): ~100 s per call at these shapes on a 2-core "
-                     "CPU, beyond the CPU suite's time budget")
+                     "gradient into a zero (b, d, L, N) tensor): 100-160 s per call at these shapes in trial runs "
+                     "on a 2-core CPU, beyond the CPU suite's time budget")
 
 
 def _unavailable(op, backend, pass_, device):

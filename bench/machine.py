@@ -34,7 +34,7 @@ def machine_info() -> Dict[str, object]:
     return {
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_default_threads": torch.get_num_threads(),  # the timed threads: timing_threads
         "gpu": gpu,
         "cuda": torch.version.cuda if gpu else None,
         "python": platform.python_version(),

@@ -144,3 +144,16 @@ def test_run_suite_smoke_end_to_end(tmp_path):
     assert sasrec["peak_mem_mb"] is not None and sasrec["peak_mem_mb"] >= 0
     for what in ("raw.json", "results.csv", "latency.png", "memory.png", "speedup.png", "ops.png", "training.png"):
         assert (tmp_path / f"bench-cpu-{what}").exists(), what
+
+
+def test_cpu_threads_setting(monkeypatch):
+    from .grids import cpu_threads
+
+    monkeypatch.delenv("M2REC_BENCH_THREADS", raising=False)
+    assert cpu_threads() == 1
+    monkeypatch.setenv("M2REC_BENCH_THREADS", "2")
+    assert cpu_threads() == 2
+    for bad in ("0", "two"):
+        monkeypatch.setenv("M2REC_BENCH_THREADS", bad)
+        with pytest.raises(ValueError, match="M2REC_BENCH_THREADS"):
+            cpu_threads()

@@ -11,6 +11,8 @@ redone only when this file or pyproject.toml changes. Environment knobs:
 
 * ``M2REC_PYTHON=/path/to/python`` — use that interpreter as it is (no venv, nothing installed), e.g. a
   GPU machine whose torch you want to keep.
+* ``M2REC_KEEP_TORCH=1`` — keep the torch (and triton) that the calling Python already has, e.g. a CUDA
+  build: .venv then sees that Python's site-packages and no torch is installed into it.
 * ``M2REC_TORCH_SPEC`` — the torch requirement installed first (default ``torch==2.13.0``, which is a
   CPU wheel on the CI machines; installing torch first stops other packages from pulling a CUDA build).
 * ``M2REC_SKIP_MAMBA=1`` — do not install mamba-ssm (the cross-check tests then skip and say why).
@@ -53,6 +55,7 @@ def setup_fingerprint() -> str:
         h.update((ROOT / name).read_bytes())
     h.update(os.environ.get("M2REC_TORCH_SPEC", "").encode())
     h.update(os.environ.get("M2REC_SKIP_MAMBA", "").encode())
+    h.update(os.environ.get("M2REC_KEEP_TORCH", "").encode())
     return h.hexdigest()
 
 
@@ -65,12 +68,16 @@ def ensure_env() -> str:
     if py.exists() and STAMP.exists() and STAMP.read_text() == fingerprint:
         return str(py)
     t0 = time.time()
+    keep_torch = os.environ.get("M2REC_KEEP_TORCH", "0") not in ("", "0")
     if not py.exists():
         log(f"creating virtual environment {VENV}")
-        run([sys.executable, "-m", "venv", VENV])
+        run([sys.executable, "-m", "venv", *(["--system-site-packages"] if keep_torch else []), VENV])
     pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    # torch first, pinned: with no torch present, later packages would pull a multi-GB CUDA build.
-    run(pip + [os.environ.get("M2REC_TORCH_SPEC", "torch==2.13.0")])
+    if keep_torch:
+        run([py, "-c", "import torch; print('[tasks] keeping torch', torch.__version__)"])
+    else:
+        # torch first, pinned: with no torch present, later packages would pull a multi-GB CUDA build.
+        run(pip + [os.environ.get("M2REC_TORCH_SPEC", "torch==2.13.0")])
     run(pip + ["setuptools", "wheel", "packaging", "ninja"])
     run(pip + ["-e", ".[test,mamba,data]"])
     # recbole only for the ml-100k atomic files it bundles; its own dependencies are not needed.

@@ -53,8 +53,11 @@ def _caption(fig, data: Dict, source: Path, extra: str = "") -> None:
     second = f"Numbers from {source.name}."
     load = data.get("load_average_during_run")
     if load:
+        cores = data["machine"].get("cpu_cores") or 1
+        # the timings use 1 thread by default: a 1-min load above about one core means other work ran
+        busy = " (other work shared the machine)" if max(load) > 1.0 else ""
         second += (f"  Load average (1 min) at start / end of the run: {load[0]:g} / {load[1]:g} on "
-                   f"{data['machine'].get('cpu_cores')} cores (other work shared the machine).")
+                   f"{cores} cores{busy}.")
     lines.append(second)
     if extra:
         lines.append(extra)

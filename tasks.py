@@ -121,6 +121,11 @@ def cmd_gpu_check(args) -> int:
     out = Path(args[0]).resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = os.environ.get("M2REC_PYTHON", sys.executable)
+    probe = subprocess.run([py, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True)
+    if probe.stdout.strip() != "True":
+        print(f"gpu-check: {py} sees no CUDA device (or no torch: {probe.stderr.strip()[-200:]}); "
+              "run it on a CUDA machine, or use 'python3 tasks.py test' here", file=sys.stderr)
+        return 2
     env = dict(os.environ, M2REC_GPU_TESTS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
     rc_tests = run([py, "-m", "pytest", "tests", "-q", f"--junitxml={out / 'gpu-tests.xml'}"], env=env, check=False)

@@ -123,8 +123,9 @@ def cmd_gpu_check(args) -> int:
     py = os.environ.get("M2REC_PYTHON", sys.executable)
     probe = subprocess.run([py, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True)
     if probe.stdout.strip() != "True":
-        print(f"gpu-check: {py} sees no CUDA device (or no torch: {probe.stderr.strip()[-200:]}); "
-              "run it on a CUDA machine, or use 'python3 tasks.py test' here", file=sys.stderr)
+        why = f"cannot import torch ({probe.stderr.strip().splitlines()[-1]})" if probe.returncode else "sees no CUDA device"
+        print(f"gpu-check: {py} {why}; run it on a CUDA machine (M2REC_PYTHON picks the interpreter), "
+              "or use 'python3 tasks.py test' here", file=sys.stderr)
         return 2
     env = dict(os.environ, M2REC_GPU_TESTS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)

@@ -46,6 +46,32 @@ def _step_delta(delta_ptr, bias, row, t, mask_d, valid,
 
 
 @triton.jit
+def _channel_block(A_ptr, bias_ptr, D_ptr, lengths_ptr, pid_b, pid_d, dim, L, N,
+                   HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What the forward and backward programs both load first: this block's channel offsets and
+    masks, A (given transposed, (N, dim)) as a (BLOCK_D, BLOCK_N) fp32 tile, delta_bias, D and the
+    sequence's length. Padded lanes load A = 0 (and B = C = 0 later): their state stays 0."""
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    tile = offs_n[None, :] * dim + offs_d[:, None]  # (BLOCK_D, BLOCK_N) in an (N, dim) matrix
+    A = tl.load(A_ptr + tile, mask=mask_dn, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    length = L
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + pid_b).to(tl.int32)
+    return offs_d, offs_n, mask_d, mask_n, mask_dn, tile, A, bias, Dv, length
+
+
+@triton.jit
 def selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, lengths_ptr,
     out_ptr, last_ptr, ckpt_ptr,
@@ -59,23 +85,9 @@ def selective_scan_fwd_kernel(
     (state before step c·CHUNK). All contiguous."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < dim
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    # Padded lanes load A = 0, B = C = 0: their state stays 0 and adds nothing.
-    tile = offs_n[None, :] * dim + offs_d[:, None]  # (BLOCK_D, BLOCK_N) in an (N, dim) matrix
-    A = tl.load(A_ptr + tile, mask=mask_dn, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    length = L
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + pid_b).to(tl.int32)
+    offs_d, offs_n, mask_d, mask_n, mask_dn, tile, A, bias, Dv, length = _channel_block(
+        A_ptr, bias_ptr, D_ptr, lengths_ptr, pid_b, pid_d, dim, L, N,
+        HAS_BIAS, HAS_D, HAS_LENGTHS, BLOCK_D, BLOCK_N)
 
     row = (pid_b * dim + offs_d) * L  # (BLOCK_D,) start of each channel's sequence
     bc = (pid_b * N + offs_n) * L  # (BLOCK_N,)
@@ -120,22 +132,9 @@ def selective_scan_bwd_kernel(
     dC_part per channel block ((n_dblocks, batch, N, L)). scratch: (batch, CHUNK, N, dim)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < dim
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    tile = offs_n[None, :] * dim + offs_d[:, None]  # (BLOCK_D, BLOCK_N) in an (N, dim) matrix
-    A = tl.load(A_ptr + tile, mask=mask_dn, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    length = L
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + pid_b).to(tl.int32)
+    offs_d, offs_n, mask_d, mask_n, mask_dn, tile, A, bias, Dv, length = _channel_block(
+        A_ptr, bias_ptr, D_ptr, lengths_ptr, pid_b, pid_d, dim, L, N,
+        HAS_BIAS, HAS_D, HAS_LENGTHS, BLOCK_D, BLOCK_N)
 
     row = (pid_b * dim + offs_d) * L
     bc = (pid_b * N + offs_n) * L

@@ -44,9 +44,12 @@ def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, model_name: 
     return path
 
 
-def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
+def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu", backend: str = "auto"
                     ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """Rebuild the model from a checkpoint; returns ``(model in eval mode, checkpoint dict)``."""
+    """Rebuild the model from a checkpoint; returns ``(model in eval mode, checkpoint dict)``.
+
+    ``backend`` is the kernel backend to run with, not the one trained with: the parameters do not
+    depend on it, so a model trained with Triton on a GPU evaluates on a CPU (``auto`` = torch there)."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
@@ -59,6 +62,8 @@ def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: not an m2rec checkpoint of format version {FORMAT_VERSION}")
     kwargs = dict(ckpt["model_kwargs"])
+    if "backend" in kwargs:
+        kwargs["backend"] = backend
     d_text = kwargs.pop("d_text", None)
     if d_text is not None:  # placeholder of the right shape; the real table is in the state_dict
         kwargs["text_embeddings"] = torch.zeros(ckpt["data"]["n_items"] + 1, d_text)

@@ -19,6 +19,11 @@ def _add_data_args(p: argparse.ArgumentParser, default: Optional[str] = "ml-100k
     p.add_argument("--k-core", type=int, default=5, help="k-core filter on users and items (default 5)")
 
 
+def _add_backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="kernel backend of M2Rec / Mamba4Rec (auto: Triton on CUDA, torch on CPU)")
+
+
 def _threads(n: Optional[int]) -> None:
     if n:
         import torch
@@ -72,8 +77,10 @@ def cmd_evaluate(args) -> int:
     from .data import load_dataset
     from .evaluation import rank_targets
     from .metrics import metrics_from_ranks, standard_errors
+    from m2rec_kernels._backend import check_backend_runs
     _threads(args.threads)
-    model, ckpt = load_checkpoint(args.checkpoint, device=args.device)
+    check_backend_runs(args.backend, args.device, "--backend")
+    model, ckpt = load_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
     spec = ckpt["data"]
     data = load_dataset(args.data or spec["spec"], k_core=spec["k_core"])
     check_same_data(ckpt, data, args.data or spec["spec"])
@@ -131,8 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on last-position targets (one per prefix) instead of all positions")
     p.add_argument("--seed", type=int, default=2025)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
-                   help="kernel backend of M2Rec / Mamba4Rec (auto: Triton on CUDA, torch on CPU)")
+    _add_backend_arg(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (1 is fastest on small, shared CPU machines)")
     p.add_argument("--eval-batch-size", type=int, default=256)
@@ -160,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    _add_backend_arg(p)
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     p.set_defaults(func=cmd_evaluate)
 

@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from m2rec_kernels._backend import check_backend_runs
+
 from .checkpoint import save_checkpoint
 from .data import build_training_examples, iterate_batches, load_dataset
 from .evaluation import evaluate, needs_full_width
@@ -77,6 +79,7 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+        check_backend_runs(self.backend, self.device, "--backend")  # before any data is loaded
 
 
 @dataclass

@@ -52,3 +52,12 @@ def resolve_backend(backend: str, op: str, *tensors: torch.Tensor) -> str:
             "tensors to CUDA"
         )
     return "triton"
+
+
+def check_backend_runs(backend: str, device, what: str = "backend") -> None:
+    """Raise ``ValueError`` up front when ``backend`` cannot run on ``device`` — for command lines and
+    configs, which should fail before loading data rather than at the first kernel call."""
+    try:
+        resolve_backend(backend, what, torch.empty(0, device=device))
+    except RuntimeError as exc:
+        raise ValueError(f"{exc} (device {device})") from None

@@ -155,3 +155,13 @@ def test_bad_inputs_raise_and_name_the_argument():
         causal_weight(torch.randn(9, 4, dtype=torch.complex64), 16)
     with pytest.raises(ValueError, match="K"):
         causal_n_fft(8, 0)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 8), (2, 5, 0)])
+def test_empty_batch_or_channels_give_empty_output_and_gradient(shape):
+    x = torch.randn(shape, requires_grad=True)
+    w = torch.randn(3, shape[2], 2)
+    y = fft_filter(x, w, 5, backend="torch")
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape

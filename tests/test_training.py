@@ -172,3 +172,26 @@ def test_text_embeddings_from_a_file(tmp_path, tiny_dir):
     with pytest.raises(ValueError, match=f"needs n_items \\+ 1 = {n_items + 1}"):
         train(small_config(tmp_path / "b", tiny_dir, model="m2rec", text_embeddings=str(tmp_path / "short.pt")),
               log=quiet)
+
+
+def test_cli_triton_backend_without_gpu_or_interpreter_fails_before_training(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rc = main(["train", "--model", "m2rec", "--data", "synthetic", "--epochs", "1", "--backend", "triton",
+               "--device", "cpu", "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "interpreter" in err and "--backend" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_runs_on_any_backend_and_evaluate_checks_it(tmp_path, tiny_dir, monkeypatch, capsys):
+    # the backend is a run-time choice: a checkpoint trained on one evaluates on the other, same scores
+    result = train(small_config(tmp_path / "run", tiny_dir, model="m2rec", use_text=False), log=quiet)
+    torch_model, _ = load_checkpoint(result.checkpoint, backend="torch")
+    triton_model, _ = load_checkpoint(result.checkpoint, backend="triton")  # interpreter (conftest)
+    items, lengths = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]]), torch.tensor([3, 4])
+    torch.testing.assert_close(triton_model.scores(items, lengths), torch_model.scores(items, lengths),
+                               rtol=1e-4, atol=1e-4)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["evaluate", str(result.checkpoint), "--backend", "triton"]) == 2
+    err = capsys.readouterr().err
+    assert "interpreter" in err and "Traceback" not in err

@@ -36,6 +36,8 @@ def fft_filter_reference(x: torch.Tensor, weight: torch.Tensor, n_fft: int) -> t
     Output in x's dtype; computed in fp32 (fp64 for double inputs).
     """
     L = x.shape[1]
+    if x.numel() == 0:  # torch.fft on CPU rejects an empty batch or no channels
+        return x * 0
     dtype = compute_dtype(x, weight)
     spectrum = torch.fft.rfft(x.to(dtype), n=n_fft, dim=1, norm="ortho")
     y = torch.fft.irfft(spectrum * as_complex_weight(weight, dtype), n=n_fft, dim=1, norm="ortho")

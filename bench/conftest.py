@@ -4,7 +4,7 @@
   The test command sets it itself (together with ``M2REC_BENCH_SMOKE=1`` and ``--benchmark-disable``).
 * CPU timings use ``M2REC_BENCH_THREADS`` math threads (default 1, see ``grids.cpu_threads``).
 * Rows that cannot run on this machine (Triton without CUDA, mamba_ssm's CUDA scan when it is missing,
-  a backend that is not implemented yet) are recorded with the ``not_run`` fixture and then skipped;
+  mamba_ssm's reference backward on CPU) are recorded with the ``not_run`` fixture and then skipped;
   when ``M2REC_BENCH_NOT_RUN_FILE`` names a file, they are written there as JSON at the end of the
   session, and ``bench/run_suite.py`` merges them into the results as rows with status "not run".
 """

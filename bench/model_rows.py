@@ -1,41 +1,37 @@
-"""Setting up one model-level benchmark row (inference or training step) the same way in both files."""
+"""One model-level benchmark row (inference or training step), set up the same way in both files."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from .availability import triton_not_run_reason
-from .grids import D_MODEL
-from .workloads import build_bench_model
+from .grids import D_MODEL, Grid
+from .memory_probe import cuda_peak_mb
+from .workloads import build_bench_model, random_batch
+
+CUDA_MEM_METHOD = "torch.cuda.max_memory_allocated above the pre-call allocation"
 
 
-def missing_backend(exc: BaseException) -> bool:
-    """A backend whose kernels have not landed: NotImplementedError, or a missing m2rec_kernels module."""
-    if isinstance(exc, NotImplementedError):
-        return True
-    return isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("m2rec_kernels")
-
-
-def build_or_skip(not_run, fields: dict, name: str, backend: str, n_items: int, L: int, device: torch.device):
-    """Build the model for a row, or record the row as not run (and skip) when it cannot run here."""
+def prepare_model_row(benchmark, not_run, grid: Grid, device: torch.device, kind: str, name: str,
+                      backend: str, L: int, batch: int, make_call: Callable) -> Callable[[], object]:
+    """Build the model, record the row's fields in ``benchmark.extra_info`` (and the CUDA peak memory,
+    measured after one warm-up call so compilation is not counted), and return the call to time.
+    ``make_call(model, item_seq, lengths, targets)`` builds that call. A Triton row that cannot run
+    here is recorded as not run (and skipped) instead."""
+    fields = dict(kind=kind, name=name, backend=backend, L=L, batch=batch, device=device.type)
     if backend == "triton":
         reason = triton_not_run_reason(device)
         if reason is not None:
             not_run(reason, **fields)
-    try:
-        model, notes = build_bench_model(name, backend, n_items, L, device)
-    except (NotImplementedError, ModuleNotFoundError) as exc:
-        if not missing_backend(exc):
-            raise
-        not_run(f"backend not implemented: {exc}", **fields)
-    notes = dict(notes, n_items=n_items, d_model=D_MODEL)
-    return model, notes
-
-
-def first_call_or_skip(not_run, fields: dict, fn) -> None:
-    """Run ``fn`` once untimed so a backend that is missing at call time is recorded, not crashed on."""
-    try:
-        fn()
-    except (NotImplementedError, ModuleNotFoundError) as exc:
-        if not missing_backend(exc):
-            raise
-        not_run(f"backend not implemented: {exc}", **fields)
+    model, notes = build_bench_model(name, backend, grid.n_items, L, device)
+    fields["backend"] = notes.pop("backend_label", backend)
+    seq, lengths, targets = random_batch(grid.n_items, L, batch, device)
+    fn = make_call(model, seq, lengths, targets)
+    benchmark.group = f"{kind} L={L} batch={batch}"
+    benchmark.extra_info.update(fields, **notes, n_items=grid.n_items, d_model=D_MODEL)
+    if device.type == "cuda":
+        fn()  # warm-up: Triton compilation and autotuning stay out of the peak
+        benchmark.extra_info["peak_mem_mb"] = cuda_peak_mb(fn, device)
+        benchmark.extra_info["mem_method"] = CUDA_MEM_METHOD
+    return fn

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _scan_inputs import ODD, clone_inputs, make_scan_inputs, naive_scan
-from m2rec_kernels import selective_scan, selective_state_update
+from m2rec_kernels import selective_scan, selective_scan_final, selective_state_update
 from m2rec_kernels.scan.reference import selective_scan_ref
 
 OPTION_GRID = list(itertools.product([False, True], repeat=4))  # D, z, delta_bias, softplus
@@ -193,3 +193,32 @@ def test_bad_state_update_inputs_raise_naming_the_argument():
     ]:
         with pytest.raises(exc, match=name):
             selective_state_update(**dict(good, **change))
+
+
+@pytest.mark.parametrize("use_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("use_D,use_z", [(True, True), (False, False)])
+def test_final_equals_the_full_scan_at_each_last_step(use_D, use_z, use_lengths):
+    """selective_scan_final: the output at lengths - 1 (L - 1 without lengths) and the last state of
+    the full scan, without forming the other steps' outputs; with gradients it is differentiable."""
+    kw = make_scan_inputs(**ODD, use_D=use_D, use_z=use_z, use_lengths=use_lengths)
+    if use_lengths:
+        kw["lengths"] = kw["lengths"].clamp(min=1)
+    out, last = selective_scan(**kw, return_last_state=True, backend="torch")
+    idx = kw["lengths"] - 1 if use_lengths else torch.full((ODD["batch"],), ODD["L"] - 1)
+    want = out[torch.arange(ODD["batch"]), :, idx]
+    got, got_last = selective_scan_final(**kw, backend="torch")
+    assert got.shape == (ODD["batch"], ODD["dim"]) and got.dtype == kw["u"].dtype
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_last, last, rtol=0, atol=0)
+    # the differentiable path gives the same values and gradients that flow
+    ours = clone_inputs(kw)
+    got_g, _ = selective_scan_final(**ours, backend="torch")
+    torch.testing.assert_close(got_g, want, rtol=1e-5, atol=1e-5)
+    got_g.sum().backward()
+    assert ours["u"].grad is not None and torch.count_nonzero(ours["u"].grad) > 0
+
+
+def test_final_rejects_empty_sequences():
+    kw = make_scan_inputs(**ODD, use_lengths=True)  # one sequence has length 0
+    with pytest.raises(ValueError, match="lengths >= 1"):
+        selective_scan_final(**kw)

@@ -11,9 +11,10 @@ import torch
 
 from .._backend import resolve_backend
 from .._checks import FLOAT_DTYPES, check_lengths, check_tensor
-from .reference import selective_scan_ref, selective_state_update_ref
+from .reference import selective_scan_final_ref, selective_scan_ref, selective_state_update_ref
 
-__all__ = ["selective_scan", "selective_state_update", "selective_scan_ref", "selective_state_update_ref"]
+__all__ = ["selective_scan", "selective_scan_final", "selective_state_update", "selective_scan_ref",
+           "selective_scan_final_ref", "selective_state_update_ref"]
 
 _A_DTYPES = (torch.float32, torch.float64)
 # The Triton kernels keep state and accumulation in fp32; fp64 inputs stay on the reference.
@@ -37,6 +38,30 @@ def _triton_dtypes_ok(op: str, backend: str, named: dict) -> bool:
                 )
             return False
     return True
+
+
+def _check_scan_inputs(op, u, delta, A, B, C, D, z, delta_bias, lengths) -> None:
+    """Shapes, dtypes and devices of the scan's inputs (DESIGN §2.1); errors name the argument."""
+    check_tensor(op, "u", u, ndim=3)
+    batch, dim, L = u.shape
+    dev = u.device
+    check_tensor(op, "delta", delta, shape=(batch, dim, L), device=dev)
+    check_tensor(op, "A", A, ndim=2, dtypes=_A_DTYPES, device=dev)
+    if A.shape[0] != dim:
+        raise ValueError(f"{op}: A must have shape (dim={dim}, N), got {tuple(A.shape)}")
+    N = A.shape[1]
+    if N < 1:
+        raise ValueError(f"{op}: A must have at least one state (N >= 1), got shape {tuple(A.shape)}")
+    check_tensor(op, "B", B, shape=(batch, N, L), device=dev)
+    check_tensor(op, "C", C, shape=(batch, N, L), device=dev)
+    if D is not None:
+        check_tensor(op, "D", D, shape=(dim,), device=dev)
+    if z is not None:
+        check_tensor(op, "z", z, shape=(batch, dim, L), device=dev)
+    if delta_bias is not None:
+        check_tensor(op, "delta_bias", delta_bias, shape=(dim,), device=dev)
+    if lengths is not None:
+        check_lengths(op, lengths, batch, L, dev)
 
 
 def selective_scan(
@@ -64,26 +89,7 @@ def selective_scan(
     with last_state (batch, dim, N) fp32 (fp64 for fp64 inputs) when ``return_last_state``.
     """
     op = "selective_scan"
-    check_tensor(op, "u", u, ndim=3)
-    batch, dim, L = u.shape
-    dev = u.device
-    check_tensor(op, "delta", delta, shape=(batch, dim, L), device=dev)
-    check_tensor(op, "A", A, ndim=2, dtypes=_A_DTYPES, device=dev)
-    if A.shape[0] != dim:
-        raise ValueError(f"{op}: A must have shape (dim={dim}, N), got {tuple(A.shape)}")
-    N = A.shape[1]
-    if N < 1:
-        raise ValueError(f"{op}: A must have at least one state (N >= 1), got shape {tuple(A.shape)}")
-    check_tensor(op, "B", B, shape=(batch, N, L), device=dev)
-    check_tensor(op, "C", C, shape=(batch, N, L), device=dev)
-    if D is not None:
-        check_tensor(op, "D", D, shape=(dim,), device=dev)
-    if z is not None:
-        check_tensor(op, "z", z, shape=(batch, dim, L), device=dev)
-    if delta_bias is not None:
-        check_tensor(op, "delta_bias", delta_bias, shape=(dim,), device=dev)
-    if lengths is not None:
-        check_lengths(op, lengths, batch, L, dev)
+    _check_scan_inputs(op, u, delta, A, B, C, D, z, delta_bias, lengths)
     _check_flag(op, "delta_softplus", delta_softplus)
     _check_flag(op, "return_last_state", return_last_state)
 
@@ -96,6 +102,47 @@ def selective_scan(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths
         )
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths)
+
+
+def selective_scan_final(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    lengths: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+):
+    """The selective scan's output at each sequence's LAST step, and the final state — all that
+    last-position inference (scoring the next item) needs from the last layer.
+
+    Same inputs and semantics as ``selective_scan``; returns ``(out_last, last_state)`` with
+    out_last (batch, dim) in u's dtype equal to ``selective_scan(...)[b, :, lengths[b] - 1]``
+    (position L - 1 without ``lengths``) and last_state (batch, dim, N) as with
+    ``return_last_state``. ``lengths`` must be >= 1. The per-step outputs y_t = <h_t, C_t> are never
+    formed (without gradients), which saves their cost at every other step."""
+    op = "selective_scan_final"
+    _check_scan_inputs(op, u, delta, A, B, C, D, z, delta_bias, lengths)
+    _check_flag(op, "delta_softplus", delta_softplus)
+    if u.shape[2] < 1:
+        raise ValueError(f"{op}: the sequence must have at least one step, got L = 0")
+    if lengths is not None and lengths.numel() and int(lengths.min()) < 1:
+        raise ValueError(f"{op}: every sequence needs at least one step (lengths >= 1), got min {int(lengths.min())}")
+    chosen = resolve_backend(backend, op, u, delta, A, B, C)
+    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    if chosen == "triton" and _triton_dtypes_ok(op, backend, named):
+        from .function import selective_scan_triton
+        from .reference import last_positions
+
+        # The Triton scan has no output-free mode yet: run it whole and keep the last steps.
+        out, last = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, lengths)
+        idx = last_positions(lengths, u.shape[0], u.shape[2], u.device)
+        return out[torch.arange(u.shape[0], device=u.device), :, idx], last
+    return selective_scan_final_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths)
 
 
 def selective_state_update(

@@ -89,9 +89,10 @@ def _chunk_output(states_after: torch.Tensor, C_t: torch.Tensor) -> torch.Tensor
     return torch.bmm(states_after.reshape(T * b, d, N), C_t.reshape(T * b, N, 1)).view(T, b, d)
 
 
-def _scan_forward(u, delta, A, B, C, delta_bias, delta_softplus, lengths, chunk, keep_checkpoints):
-    """y (batch, dim, L) before D and the gate, the last state, and (optionally) the state at every
-    chunk start (n_chunks, batch, dim, N). No autograd."""
+def _scan_forward(u, delta, A, B, C, delta_bias, delta_softplus, lengths, chunk, keep_checkpoints,
+                  compute_y=True):
+    """y (batch, dim, L) before D and the gate (None unless ``compute_y``), the last state, and
+    (optionally) the state at every chunk start (n_chunks, batch, dim, N). No autograd."""
     cdt = compute_dtype(u, A)
     batch, dim, L = u.shape
     N = A.shape[1]
@@ -101,7 +102,7 @@ def _scan_forward(u, delta, A, B, C, delta_bias, delta_softplus, lengths, chunk,
     T_max = max(min(chunk, L), 1)
     decay_buf = torch.empty(T_max, batch, dim, N, dtype=cdt, device=dev)
     states_buf = torch.empty(T_max + 1, batch, dim, N, dtype=cdt, device=dev)
-    y = torch.empty(L, batch, dim, dtype=cdt, device=dev)
+    y = torch.empty(L, batch, dim, dtype=cdt, device=dev) if compute_y else None
     h = torch.zeros(batch, dim, N, dtype=cdt, device=dev)
     checkpoints = []
     for t0 in range(0, L, chunk):
@@ -112,10 +113,11 @@ def _scan_forward(u, delta, A, B, C, delta_bias, delta_softplus, lengths, chunk,
         dt = _delta_time_major(delta, delta_bias, delta_softplus, valid, t0, t1, cdt)
         states = states_buf[: T + 1]
         _run_chunk(h, dt, _time_major(u, t0, t1, cdt), _time_major(B, t0, t1, cdt), A_c, decay_buf[:T], states)
-        y[t0:t1] = _chunk_output(states[1:], _time_major(C, t0, t1, cdt))
+        if compute_y:
+            y[t0:t1] = _chunk_output(states[1:], _time_major(C, t0, t1, cdt))
         h = states[T].clone()  # the buffer is overwritten by the next chunk
     ckpt = torch.stack(checkpoints) if keep_checkpoints and checkpoints else None
-    return y.permute(1, 2, 0).contiguous(), h, ckpt
+    return (y.permute(1, 2, 0).contiguous() if compute_y else None), h, ckpt
 
 
 def _finish_output(y, u, D, z, cdt):
@@ -251,6 +253,55 @@ def selective_scan_ref(
         y, last, _ = _scan_forward(u, delta, A, B, C, delta_bias, delta_softplus, lengths, chunk, False)
         out = _finish_output(y, u, D, z, compute_dtype(u, A))
     return (out, last) if return_last_state else out
+
+
+def last_positions(lengths: Optional[torch.Tensor], batch: int, L: int, device) -> torch.Tensor:
+    """(batch,) int64 index of each sequence's last step: lengths - 1, or L - 1 without lengths."""
+    if lengths is None:
+        return torch.full((batch,), L - 1, dtype=torch.int64, device=device)
+    return lengths.long() - 1
+
+
+def output_at(h: torch.Tensor, idx: torch.Tensor, u, C, D, z) -> torch.Tensor:
+    """out at step idx[b] of each sequence from the state h (batch, dim, N) after that step:
+    (Σ_n h·C_idx + D·u_idx)·silu(z_idx), in h's dtype, (batch, dim)."""
+    rows = torch.arange(h.shape[0], device=h.device)
+    cdt = h.dtype
+    y = torch.einsum("bdn,bn->bd", h, C[rows, :, idx].to(cdt))
+    if D is not None:
+        y = y + D.to(cdt) * u[rows, :, idx].to(cdt)
+    if z is not None:
+        y = y * F.silu(z[rows, :, idx].to(cdt))
+    return y
+
+
+def selective_scan_final_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    lengths: Optional[torch.Tensor] = None,
+    chunk: int = DEFAULT_CHUNK,
+):
+    """The scan's output at each sequence's last step only, and the final state: what last-position
+    inference needs. Returns (out_last (batch, dim) in u's dtype, last_state (batch, dim, N) fp32/fp64),
+    with out_last[b] == selective_scan(...)[b, :, lengths[b] - 1] (L - 1 without lengths; lengths must
+    be >= 1). Without gradients the per-step outputs are never formed; with them it goes through the
+    differentiable full scan."""
+    batch, _, L = u.shape
+    idx = last_positions(lengths, batch, L, u.device)
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        out, last = _SelectiveScanRefFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, chunk)
+        return out[torch.arange(batch, device=u.device), :, idx], last
+    _, last, _ = _scan_forward(u, delta, A, B, C, delta_bias, delta_softplus, lengths, chunk, False,
+                               compute_y=False)
+    return output_at(last, idx, u, C, D, z).to(u.dtype), last
 
 
 def selective_state_update_ref(

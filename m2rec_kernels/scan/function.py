@@ -27,30 +27,42 @@ def _block_n(N: int) -> int:
 INTERPRETER_BLOCK_D = 64
 
 
-def _fwd_config(batch: int, dim: int, N: int, device: torch.device):
-    """(BLOCK_D, num_warps) of the forward. The GPU choices come from compiling for sm_90 and reading
-    the register use (no GPU was available to time them): 32 channels × N <= 128 states on 4 warps
-    stays under 255 registers without spilling; smaller blocks (down to 8) when batch × channel
-    blocks would leave SMs idle — the scan is sequential in time, so those are its only parallelism."""
-    if triton_interpreter_enabled() or device.type != "cuda":
-        return INTERPRETER_BLOCK_D, 4
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fwd_config_gpu(batch: int, dim: int, N: int, sms: int):
+    """(BLOCK_D, num_warps) of the forward on a GPU with ``sms`` SMs. The GPU choices come from
+    compiling for sm_90 and reading the register use (no GPU was available to time them): 32
+    channels × N <= 128 states on 4 warps stays under 255 registers without spilling; smaller blocks
+    (down to 8) when batch × channel blocks would leave SMs idle — the scan is sequential in time, so
+    those are its only parallelism."""
     block_n = _block_n(N)
     block = 32 if block_n <= 128 else 16
     warps = 4 if block_n <= 128 else 8
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     while block > 8 and batch * triton.cdiv(dim, block) < 2 * sms:
         block //= 2
     return block, warps
 
 
-def _bwd_config(N: int, device: torch.device):
+def _fwd_config(batch: int, dim: int, N: int, device: torch.device):
+    if triton_interpreter_enabled() or device.type != "cuda":
+        return INTERPRETER_BLOCK_D, 4
+    return fwd_config_gpu(batch, dim, N, sm_count(device))
+
+
+def bwd_config_gpu(N: int):
     """(BLOCK_D, num_warps) of the backward, which keeps ~6 state-sized tiles live: 8 channels per
     program with 1-4 warps by N compiles without spills for N <= 128 (sm_90, as above); 16 and 32
     channels spilled. Its dB/dC partial buffers are (dim / BLOCK_D, batch, N, L) fp32."""
-    if triton_interpreter_enabled() or device.type != "cuda":
-        return INTERPRETER_BLOCK_D, 4
     block_n = _block_n(N)
     return 8, (1 if block_n <= 8 else 2 if block_n <= 32 else 4 if block_n <= 128 else 8)
+
+
+def _bwd_config(N: int, device: torch.device):
+    if triton_interpreter_enabled() or device.type != "cuda":
+        return INTERPRETER_BLOCK_D, 4
+    return bwd_config_gpu(N)
 
 
 def _chunk(L: int) -> int:

@@ -12,6 +12,11 @@ if os.environ.get("M2REC_GPU_TESTS", "0") in ("", "0"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from _interpreter_scan import install as _install_fast_scan  # noqa: E402
+
+    _install_fast_scan()  # tl.associative_scan sliced along its axis (tests/_interpreter_scan.py)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")

@@ -135,13 +135,9 @@ def selective_scan_final(
     chosen = resolve_backend(backend, op, u, delta, A, B, C)
     named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
     if chosen == "triton" and _triton_dtypes_ok(op, backend, named):
-        from .function import selective_scan_triton
-        from .reference import last_positions
+        from .function import selective_scan_final_triton
 
-        # The Triton scan has no output-free mode yet: run it whole and keep the last steps.
-        out, last = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, lengths)
-        idx = last_positions(lengths, u.shape[0], u.shape[2], u.device)
-        return out[torch.arange(u.shape[0], device=u.device), :, idx], last
+        return selective_scan_final_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths)
     return selective_scan_final_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths)
 
 

@@ -106,38 +106,82 @@ def _only(fn, values: Dict[str, object]) -> Dict[str, object]:
     return {n: values[n] for n in fn.arg_names}
 
 
+def _parallel_io(batch: int, dim: int, L: int, N: int) -> Dict[str, object]:
+    """Strides as the model passes its tensors: u, Δ, B, C, out contiguous; z the second half of
+    the (batch, 2·dim, L) in_proj output."""
+    return dict(s_u_b=dim * L, s_u_d=L, s_dl_b=dim * L, s_dl_d=L, s_z_b=2 * dim * L, s_z_d=L,
+                s_o_b=dim * L, s_o_d=L, s_do_b=dim * L, s_do_d=L, s_B_b=N * L, s_B_n=L, s_C_b=N * L, s_C_n=L)
+
+
+def _scan_label(batch, L, dim, N, kind, mode=""):
+    return f"{scan_shape_label(batch, L, dim, N)} {kind}" + (f" {mode}" if mode else "")
+
+
 @register("scan_fwd")
 def _scan_fwd() -> List[KernelCase]:
+    """The forward the host runs at each shape (use_time_parallel), in its three uses: inference
+    (per-step output), training (also the tile states when there are several tiles) and the
+    output-free last-step mode of selective_scan_final; plus the sequential forward at L 32."""
     from m2rec_kernels.scan import function as F
-    from m2rec_kernels.scan.kernels import selective_scan_fwd_kernel as K
+    from m2rec_kernels.scan.kernels import selective_scan_fwd_kernel as SK
+    from m2rec_kernels.scan.parallel_kernels import selective_scan_parallel_fwd_kernel as PK
     cases = []
-    for batch, L, dim, N in SCAN_SHAPES:
-        block_d, warps = F.fwd_config_gpu(batch, dim, N, H200_SMS)
-        block_n, chunk = F._block_n(N), F._chunk(L)
-        for mode, ckpt in (("inference", False), ("training", True)):
+    for batch, L, dim, N in SCAN_SHAPES + ((GPU.scan[0], 32, GPU.scan[2], GPU.scan[3]),):
+        if F.use_time_parallel(batch, dim, L):
+            tile, block_d, warps = F.parallel_fwd_config_gpu(L)
+            n_tiles = _cdiv(L, tile)
+            align = F._alignment(L, torch.float32, dim * L, L, 2 * dim * L, N * L)
+            for mode, out, states, last in (("inference", True, False, False), ("training", True, n_tiles > 1, False),
+                                            ("final", False, True, True)):
+                if mode == "training" and not states:
+                    continue  # the same compiled kernel as inference
+                cfg = dict(TILE=tile, BLOCK_D=block_d, ALIGN=align)
+                args = dict(_scan_io(), **_parallel_io(batch, dim, L, N), out_last_ptr=tensor(), states_ptr=tensor(),
+                            dim=dim, L=L, N=N, n_tiles=n_tiles, **_SCAN_FLAGS, STORE_OUT=out, STORE_STATES=states,
+                            STORE_LAST_OUT=last, MULTI_TILE=n_tiles > 1, BLOCK_N=F._block_n(N), **cfg)
+                cases.append(KernelCase("scan_fwd", _scan_label(batch, L, dim, N, "parallel", mode), PK, _only(PK, args),
+                                        (batch, _cdiv(dim, block_d)), num_warps=warps,
+                                        loop_elements=block_d * min(tile, L), inner_loops=1, config=cfg))
+        else:
+            block_d, warps = F.fwd_config_gpu(batch, dim, N, H200_SMS)
+            block_n, chunk = F._block_n(N), F._chunk(L)
             cfg = dict(CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
             args = dict(_scan_io(), dim=dim, L=L, N=N, n_chunks=_cdiv(L, chunk), **_SCAN_FLAGS,
-                        STORE_LAST=False, STORE_CKPT=ckpt, **cfg)
-            cases.append(KernelCase("scan_fwd", f"{scan_shape_label(batch, L, dim, N)} {mode}", K, _only(K, args),
-                                    (batch, _cdiv(dim, block_d)), num_warps=warps,
+                        STORE_LAST=False, STORE_CKPT=True, **cfg)
+            cases.append(KernelCase("scan_fwd", _scan_label(batch, L, dim, N, "sequential", "training"), SK,
+                                    _only(SK, args), (batch, _cdiv(dim, block_d)), num_warps=warps,
                                     loop_elements=min(block_d, dim) * N, inner_loops=1, config=cfg))
     return cases
 
 
 @register("scan_bwd")
 def _scan_bwd() -> List[KernelCase]:
+    """The backward the host runs at each shape, and the sequential backward (short L, and every L
+    under torch.use_deterministic_algorithms) at all of them."""
     from m2rec_kernels.scan import function as F
-    from m2rec_kernels.scan.kernels import selective_scan_bwd_kernel as K
+    from m2rec_kernels.scan.kernels import selective_scan_bwd_kernel as SK
+    from m2rec_kernels.scan.parallel_kernels import selective_scan_parallel_bwd_kernel as PK
     cases = []
     for batch, L, dim, N in SCAN_SHAPES:
+        tile, block_d, warps = F.parallel_bwd_config_gpu(L)
+        n_tiles = _cdiv(L, tile)
+        align = F._alignment(L, torch.float32, dim * L, L, 2 * dim * L, N * L)
+        cfg = dict(TILE=tile, BLOCK_D=block_d, ALIGN=align)
+        args = dict(_scan_io(), **_parallel_io(batch, dim, L, N), states_ptr=tensor(), dstate_ptr=tensor(),
+                    dB_ptr=tensor(), dC_ptr=tensor(), batch=batch, dim=dim, L=L, N=N, n_tiles=n_tiles, **_SCAN_FLAGS,
+                    HAS_DSTATE=n_tiles > 1, MULTI_TILE=n_tiles > 1, **cfg)
+        cases.append(KernelCase("scan_bwd", _scan_label(batch, L, dim, N, "parallel"), PK, _only(PK, args),
+                                (batch, _cdiv(dim, block_d)), num_warps=warps,
+                                loop_elements=block_d * min(tile, L), inner_loops=1, config=cfg))
+    for batch, L, dim, N in SCAN_SHAPES + ((GPU.scan[0], 32, GPU.scan[2], GPU.scan[3]),):
         block_d, warps = F.bwd_config_gpu(N)
         block_n, chunk = F._block_n(N), F._chunk(L)
         cfg = dict(CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
         args = dict(_scan_io(), batch=batch, dim=dim, L=L, N=N, n_chunks=_cdiv(L, chunk), **_SCAN_FLAGS,
                     HAS_DLAST=False, **cfg)
         # two innermost loops per chunk, each once per step: the recomputation and the reverse walk
-        cases.append(KernelCase("scan_bwd", scan_shape_label(batch, L, dim, N), K, _only(K, args),
-                                (batch, _cdiv(dim, block_d)), num_warps=warps,
+        cases.append(KernelCase("scan_bwd", _scan_label(batch, L, dim, N, "sequential"), SK, _only(SK, args),
+                                (batch, _cdiv(dim, block_d)), num_warps=warps, maxnreg=F.SEQUENTIAL_BWD_MAXNREG,
                                 loop_elements=min(block_d, dim) * N, inner_loops=2, config=cfg))
     return cases
 

@@ -38,12 +38,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    # the interpreter replaces @triton.jit functions: compiling needs them as written
-    os.execve(sys.executable, [sys.executable, "-m", "bench.kernel_stats", *sys.argv[1:]],
-              {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-
-import triton  # noqa: E402
+import triton
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "python -m bench.kernel_stats"
@@ -64,8 +59,12 @@ def _specialize(value, param):
                                   not param.do_not_specialize_on_alignment)
 
 
+_COMPILED: Dict[str, object] = {}
+
+
 def compile_case(case):
-    """triton.compile the case for sm_90; returns the CompiledKernel."""
+    """triton.compile the case for sm_90; returns the CompiledKernel (once per distinct kernel:
+    cases that differ only in their grid share it)."""
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
@@ -92,8 +91,12 @@ def compile_case(case):
         options["num_stages"] = case.num_stages
     if case.maxnreg is not None:
         options["maxnreg"] = case.maxnreg
-    src = ASTSource(fn, signature, constexprs, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    key = repr((fn.__module__, fn.__name__, sorted(signature.items()), sorted(constexprs.items()),
+                sorted(attrs.items()), sorted(options.items())))
+    if key not in _COMPILED:
+        src = ASTSource(fn, signature, constexprs, attrs)
+        _COMPILED[key] = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return _COMPILED[key]
 
 
 # ------------------------------------------------------------------------------------------- read
@@ -302,4 +305,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # the interpreter replaces @triton.jit functions: compiling needs them as written
+        os.execve(sys.executable, [sys.executable, "-m", "bench.kernel_stats", *sys.argv[1:]],
+                  {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     sys.exit(main())

@@ -299,3 +299,152 @@ def test_kernels_compile_for_sm90(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # really compile, whatever an earlier run cached
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel choice and the time-parallel kernels' own paths (tiles, alignment, final mode)
+# --------------------------------------------------------------------------------------------------
+
+def _picks(monkeypatch, parallel: bool):
+    """Make the shape rule pick the time-parallel (or the sequential) kernel for the test shapes,
+    and check that it did."""
+    if parallel:
+        monkeypatch.setattr(scan_function, "SEQUENTIAL_MAX_L", 0)
+    else:
+        monkeypatch.setattr(scan_function, "SEQUENTIAL_MAX_L", 10**9)
+        monkeypatch.setattr(scan_function, "SEQUENTIAL_MIN_CHANNELS", 0)
+    calls = {"parallel": 0, "sequential": 0}
+    for name, kind in (("_parallel_forward", "parallel"), ("_sequential_forward", "sequential")):
+        real = getattr(scan_function, name)
+
+        def spy(*a, _real=real, _kind=kind, **k):
+            calls[_kind] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(scan_function, name, spy)
+    return calls
+
+
+def test_shape_rule():
+    rule = scan_function.use_time_parallel
+    assert rule(64, 128, 200) and rule(1, 128, 2000) and rule(64, 128, 2000)
+    assert not rule(64, 128, 32) and not rule(64, 128, 16)  # short and wide: sequential
+    assert rule(1, 128, 16)  # short but narrow: the parallel kernel spreads the channels
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not rule(64, 128, 200, needs_grad=True) and rule(64, 128, 200, needs_grad=False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+def test_each_kernel_matches_reference(monkeypatch, device, parallel):
+    calls = _picks(monkeypatch, parallel)
+    kw = make_scan_inputs(**ODD, use_lengths=True, device=device)
+    g = torch.Generator().manual_seed(3)
+    grad_out = torch.randn(kw["u"].shape, generator=g).to(device)
+    grad_last = torch.randn(ODD["batch"], ODD["dim"], ODD["N"], generator=g).to(device)
+    out, last, grads = _run(kw, "triton", grad_out, grad_last)
+    assert calls["parallel" if parallel else "sequential"] == 1 and calls["sequential" if parallel else "parallel"] == 0
+    want_out, want_last, want_grads = _run(kw, "torch", grad_out, grad_last)
+    torch.testing.assert_close(out, want_out, **FP32_TOL)
+    torch.testing.assert_close(last, want_last, **FP32_TOL)
+    _assert_grads_close(grads, want_grads, **FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    "use_D,use_z,use_bias,softplus,grad_through",
+    [(True, True, True, True, "both"), (False, False, False, False, "out"), (True, False, True, False, "last")],
+    ids=["all", "bare", "D-bias-no-softplus-last-only"],
+)
+def test_parallel_across_time_tiles(monkeypatch, device, use_D, use_z, use_bias, softplus, grad_through):
+    """Tiles of 16 steps at L = 37 (three tiles, the last partial): the state carried forward
+    between tiles, the checkpoints and the dh carried backward; lengths 37, 12 and 0."""
+    calls = _picks(monkeypatch, parallel=True)
+    if device.type == "cpu":
+        monkeypatch.setattr(scan_function, "MAX_TILE", 16)
+        monkeypatch.setattr(scan_function, "INTERPRETER_BLOCK_D", 32)  # two channel blocks, one masked
+    kw = make_scan_inputs(**ODD, use_D=use_D, use_z=use_z, use_bias=use_bias, softplus=softplus,
+                          use_lengths=True, device=device)
+    g = torch.Generator().manual_seed(4)
+    grad_out = torch.randn(kw["u"].shape, generator=g).to(device) if grad_through in ("out", "both") else None
+    grad_last = (torch.randn(ODD["batch"], ODD["dim"], ODD["N"], generator=g).to(device)
+                 if grad_through in ("last", "both") else None)
+    out, last, grads = _run(kw, "triton", grad_out, grad_last)
+    assert calls["parallel"] == 1
+    want_out, want_last, want_grads = _run(kw, "torch", grad_out, grad_last)
+    torch.testing.assert_close(out, want_out, **FP32_TOL)
+    torch.testing.assert_close(last, want_last, **FP32_TOL)
+    _assert_grads_close(grads, want_grads, **FP32_TOL)
+
+
+def test_parallel_vectorised_rows_and_strided_inputs(monkeypatch, device):
+    """L = 40 (rows 16-byte aligned: ALIGN 4 for fp32) with z and u as views of a wider tensor,
+    as the model passes them, and a strided dout."""
+    _picks(monkeypatch, parallel=True)
+    b, d, L, N = 2, 12, 40, 5
+    kw = make_scan_inputs(b, d, L, N, use_lengths=True, device=device)
+    assert scan_function._alignment(L, torch.float32, d * L, L, 2 * d * L, N * L) == 4
+    wide = torch.randn(b, 2 * d, L, device=device)
+    kw["z"] = wide[:, d:]
+    u_wide = torch.randn(b, 2 * d, L, device=device)
+    u_wide[:, :d] = kw["u"]
+    results = []
+    for backend in ("triton", "torch"):
+        u = u_wide.clone().requires_grad_()
+        delta = kw["delta"].clone().requires_grad_()
+        B = kw["B"].clone().requires_grad_()
+        out = selective_scan(**dict(kw, u=u[:, :d], delta=delta, B=B), backend=backend)
+        out.transpose(1, 2).contiguous().transpose(1, 2).sum().backward()
+        results.append((out.detach(), u.grad, delta.grad, B.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **FP32_TOL)
+
+
+def test_parallel_fp16_within_twice_the_reference_error(monkeypatch, device):
+    _picks(monkeypatch, parallel=True)
+    if device.type == "cpu":
+        monkeypatch.setattr(scan_function, "MAX_TILE", 16)
+    _low_precision_rule(torch.float16, device, atol=1e-3)
+
+
+@pytest.mark.parametrize("tile", [16, 64], ids=["three-tiles", "one-tile"])
+def test_final_mode_stores_only_the_last_step(monkeypatch, device, tile):
+    """selective_scan_final without gradients: the output-free kernel mode against the reference."""
+    from m2rec_kernels import selective_scan_final
+
+    calls = _picks(monkeypatch, parallel=True)
+    if device.type == "cpu":
+        monkeypatch.setattr(scan_function, "MAX_TILE", tile)
+    kw = make_scan_inputs(**ODD, use_lengths=True, device=device)
+    kw["lengths"] = torch.tensor([ODD["L"], 12, 1], device=device)
+    seen = {}
+    real = scan_function._parallel_forward
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+    monkeypatch.setattr(scan_function, "_parallel_forward", spy)
+    with torch.no_grad():
+        out_last, last = selective_scan_final(**kw, backend="triton")
+        want_out, want_last = selective_scan_final(**kw, backend="torch")
+    assert seen["store_out"] is False and seen["last_out"] is True
+    torch.testing.assert_close(out_last, want_out, **FP32_TOL)
+    torch.testing.assert_close(last, want_last, **FP32_TOL)
+    # with gradients the whole scan runs (differentiable) and the last steps are gathered
+    inputs = clone_inputs(kw)
+    out_last, last = selective_scan_final(**inputs, backend="triton")
+    (out_last.sum() + last.sum()).backward()
+    assert inputs["u"].grad is not None and calls["parallel"] >= 2
+
+
+def test_deterministic_algorithms_run_the_sequential_backward(monkeypatch, device):
+    calls = _picks(monkeypatch, parallel=True)
+    kw = make_scan_inputs(2, 8, 20, 3, device=device)
+    torch.use_deterministic_algorithms(True)
+    try:
+        out, last, grads = _run(kw, "triton", torch.ones(2, 8, 20, device=device))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert calls == {"parallel": 0, "sequential": 1}
+    want = _run(kw, "torch", torch.ones(2, 8, 20, device=device))
+    _assert_grads_close(grads, want[2], **FP32_TOL)

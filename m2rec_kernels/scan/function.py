@@ -8,14 +8,19 @@ Two kernel families (DESIGN §4):
 * sequential (``kernels.py``): one program per (sequence, block of channels) walks time with all N
   states in registers. It is kept where it wins and for determinism.
 
-The rule (``use_time_parallel``): the sequential kernel for L <= SEQUENTIAL_MAX_L (16) — a program
-then takes L steps over all N states at once, against N = 32 passes (one per state) of a scan over
-the tile in the parallel kernel, each pass a longer dependent chain (loads, exp, log2(tile) shuffle
-levels) than one sequential step; compiled for sm_90, the sequential step costs ~2 times the
-instructions of one parallel pass at a 16-step tile — and the time-parallel kernel beyond. Under
+The rule (``use_time_parallel``), from the sm_90 compile of both (``python -m bench.kernel_stats``;
+no GPU was lent to time them): the sequential forward is the cheaper in instructions (0.41 warp
+instructions per element on one warp against 0.65-0.71), but each program is one warp walking L
+dependent steps of ~420 instructions, with batch × dim / 32 programs; the time-parallel kernel runs
+batch × dim programs whose dependent chain is N scan passes (~40 instructions at a 16-step tile, 143
+at 256). So the sequential kernel wins only when L is short AND there are enough channels for the
+time-parallel kernel to be throughput-bound: L <= SEQUENTIAL_MAX_L (32) and batch × dim >=
+SEQUENTIAL_MIN_CHANNELS (4096; e.g. batch 64 × d_inner 128 at L 32: ~13.5k cycles of one warp's
+issue against ~24k cycles of the whole GPU's for the parallel kernel; at batch 1 the parallel kernel
+wins by spreading 128 programs over the SMs). Everything else runs time-parallel. Under
 ``torch.use_deterministic_algorithms(True)``, a call that needs gradients runs the sequential
-kernels (whose reductions are all deterministic partial sums) because the time-parallel backward
-adds dB and dC with atomics.
+kernels (whose reductions are all deterministic partial sums): the time-parallel backward adds dB
+and dC with atomics.
 
 Block sizes come from small heuristics instead of autotune: the partial-sum buffers are sized by the
 blocks, so they must be known before the launch, and the state update must never be rerun on a live
@@ -45,8 +50,10 @@ def _block_n(N: int) -> int:
 # partial-sum reductions).
 INTERPRETER_BLOCK_D = 64
 
-# Sequence lengths up to this run the sequential kernels (module docstring).
-SEQUENTIAL_MAX_L = 16
+# The sequential kernels run for L <= SEQUENTIAL_MAX_L when batch × dim >= SEQUENTIAL_MIN_CHANNELS
+# (module docstring); tests change them to pick either kernel.
+SEQUENTIAL_MAX_L = 32
+SEQUENTIAL_MIN_CHANNELS = 4096
 # Longest time tile of the time-parallel kernels (mamba's chunk: 2048). Tests lower it to cross
 # tile boundaries on tiny shapes.
 MAX_TILE = 2048
@@ -56,11 +63,11 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def use_time_parallel(L: int, needs_grad: bool = False) -> bool:
+def use_time_parallel(batch: int, dim: int, L: int, needs_grad: bool = False) -> bool:
     """Whether the time-parallel kernels run this call (the rule in the module docstring)."""
     if needs_grad and torch.are_deterministic_algorithms_enabled():
         return False
-    return L > SEQUENTIAL_MAX_L
+    return not (L <= SEQUENTIAL_MAX_L and batch * dim >= SEQUENTIAL_MIN_CHANNELS)
 
 
 def parallel_tile(L: int) -> int:
@@ -145,10 +152,11 @@ def _time_strided(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 # ------------------------------------------------------------------------------ sequential kernels
 
-#: The sequential backward keeps ~6 state tiles live; capping it at 128 registers lets 8 programs
-#: share an SM (one wave of 1024 programs on 132 SMs instead of 1.3); compiled for sm_90 it does not
-#: spill at the host's configuration (bench/kernel_stats.py checks it).
-SEQUENTIAL_BWD_MAXNREG = 128
+#: A register cap for the sequential backward (None: none). It needs 168 registers at its host
+#: configuration (8 channels, 2 warps: 6 programs per SM, 1.3 waves at batch 64); capped at 128
+#: (8 programs per SM, one wave) it spills 128 bytes per thread (sm_90, triton 3.9), so no cap is set.
+#: (``maxnreg`` is an option of the NVIDIA backend in every Triton 3.x, CUDAOptions; only 3.9 was run here.)
+SEQUENTIAL_BWD_MAXNREG = None
 
 
 def _sequential_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, store_last, store_ckpt):
@@ -197,7 +205,9 @@ def _sequential_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, le
     dD_part = alloc(batch, dim, device=dev, dtype=f32) if D is not None else None
     dbias_part = alloc(batch, dim, device=dev, dtype=f32) if delta_bias is not None else None
     dummy = dA_part  # stands in for absent optional pointers (never touched: the flag is off)
-    extra = {} if triton_interpreter_enabled() or dev.type != "cuda" else dict(maxnreg=SEQUENTIAL_BWD_MAXNREG)
+    extra = {}
+    if SEQUENTIAL_BWD_MAXNREG and dev.type == "cuda" and not triton_interpreter_enabled():
+        extra["maxnreg"] = SEQUENTIAL_BWD_MAXNREG
     if not empty:
         selective_scan_bwd_kernel[(batch, n_dblocks)](
             u, delta, A.t().contiguous(), B, C,
@@ -314,7 +324,7 @@ class SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths):
         needs_grad = any(ctx.needs_input_grad)
         L = u.shape[2]
-        parallel = use_time_parallel(L, needs_grad)
+        parallel = use_time_parallel(u.shape[0], u.shape[1], L, needs_grad)
         A, D, delta_bias, lengths = map(_contig, (A, D, delta_bias, lengths))
         if parallel:
             u, delta, z, B, C = map(_time_strided, (u, delta, z, B, C))
@@ -378,7 +388,7 @@ def selective_scan_final_triton(u, delta, A, B, C, D, z, delta_bias, delta_softp
     batch, dim, L = u.shape
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if not wants_grad and use_time_parallel(L):
+    if not wants_grad and use_time_parallel(batch, dim, L):
         u, delta, z, B, C = map(_time_strided, (u, delta, z, B, C))
         A, D, delta_bias, lengths = map(_contig, (A.float(), D, delta_bias, lengths))
         _, states, out_last = _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths,

@@ -147,7 +147,7 @@ def selective_scan_parallel_fwd_kernel(
             decay = tl.exp2(dt_l * A_n[:, None])
             decay_cum, h = tl.associative_scan((decay, dt_u * B_n[None, :]), 1, _linear_combine)
             if MULTI_TILE:
-                h0 = tl.load(state_rows + (c - 1) * dim * N + n, mask=mask_d & (c > 0), other=0.0)
+                h0 = tl.load(state_rows + (c - 1) * dim * N + n, mask=mask_d & (offs_d * 0 + c > 0), other=0.0)
                 h += decay_cum * h0[:, None]
             if STORE_STATES:
                 tl.store(state_rows[:, None] + c * dim * N + n + 0 * offs_t[None, :], h,
@@ -252,7 +252,7 @@ def selective_scan_parallel_bwd_kernel(
             inp = dt_u * B_n[None, :]
             decay_cum, h = tl.associative_scan((tl.exp2(dt_l * A_n[:, None]), inp), 1, _linear_combine)
             if MULTI_TILE:
-                h0 = tl.load(state_rows + (c - 1) * dim * N + n, mask=mask_d & (c > 0), other=0.0)
+                h0 = tl.load(state_rows + (c - 1) * dim * N + n, mask=mask_d & (offs_d * 0 + c > 0), other=0.0)
                 h += decay_cum * h0[:, None]
             if HAS_Z:
                 y += h * C_n[None, :]

@@ -54,7 +54,21 @@ def _specialize(value, param):
     """(type, attr) of one argument as JITFunction.run specialises it (pointer alignment, ints equal
     to 1 or multiples of 16)."""
     from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
+    try:
+        from triton.runtime.jit import native_specialize_impl
+    except ImportError:  # older Triton: the same rules, written out
+        import torch
+        if isinstance(value, torch.Tensor):
+            ty = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                        torch.int64: "i64", torch.int32: "i32"}[value.dtype]
+            return ty, "D" if value.data_ptr() % 16 == 0 else ""
+        if isinstance(value, bool):
+            return "u1", None
+        if isinstance(value, int):
+            if value == 1:
+                return "constexpr", 1
+            return ("i32" if -2**31 <= value < 2**31 else "i64"), "D" if value % 16 == 0 else ""
+        return "fp32", None
     return native_specialize_impl(BaseBackend, value, param.is_const, not param.do_not_specialize,
                                   not param.do_not_specialize_on_alignment)
 

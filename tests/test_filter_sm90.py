@@ -5,7 +5,7 @@ the Python directly and cannot catch what only the compiler rejects; spills are 
 slow configuration (DESIGN §10). Checked:
 * the direct Toeplitz kernel at every tile choice ``tiles_for`` can make (causal forward), and at the
   bench shape's tiles for every flag combination (dx, the general-weight wrap, fp16/bf16 inputs);
-* its tap-gradient correlation kernel at every tile choice;
+* its tap-gradient correlation kernel at every tile choice (and bf16 inputs at the bench tiles);
 * the dense-DFT kernel at its GPU autotune configs (num_stages 1), forward and backward flags.
 """
 from _sm90 import compile_sm90
@@ -39,13 +39,18 @@ for anti, wrap in ((True, False), (False, True), (True, True)):
 build_filter("bf16", bench)
 build_filter("fp16", bench, anti=True)
 
-CORR_TYPES = dict(i32("B", "L", "D", "N_BANDS", "stride_ab", "stride_at", "stride_ad", "stride_vb", "stride_vt",
-                      "stride_vd"), a_ptr="*fp32", v_ptr="*fp32", part_ptr="*fp32")
-for tiles in HOST_TILES:
-    build(TK.toeplitz_corr_kernel, CORR_TYPES, dict(PRECISION="ieee", BLOCK_P=tiles.block_t, BLOCK_B=tiles.block_b),
-          tiles.num_warps, 1, ones=("stride_ad", "stride_vd"),
+CORR_INTS = i32("B", "L", "D", "N_BANDS", "stride_ab", "stride_at", "stride_ad", "stride_vb", "stride_vt", "stride_vd")
+
+def build_corr(dt, tiles):
+    build(TK.toeplitz_corr_kernel, dict(CORR_INTS, a_ptr="*" + dt, v_ptr="*" + dt, part_ptr="*fp32"),
+          dict(PRECISION="ieee", BLOCK_P=tiles.block_t, BLOCK_B=tiles.block_b), tiles.num_warps, 1,
+          ones=("stride_ad", "stride_vd"),
           div16=("a_ptr", "v_ptr", "part_ptr", "stride_ab", "stride_at", "stride_vb", "stride_vt", "D"),
-          label=f"toeplitz_corr {tuple(tiles)}")
+          label=f"toeplitz_corr {dt} {tuple(tiles)}")
+
+for tiles in HOST_TILES:
+    build_corr("fp32", tiles)
+build_corr("bf16", bench)
 
 DFT_TYPES = dict(i32("L", "D", "F", "N_FFT", "stride_xb", "stride_xt", "stride_xd", "stride_wf", "stride_wd",
                      "stride_wc", "stride_yb", "stride_yt", "stride_yd"),
@@ -62,7 +67,7 @@ for cfg in GPU_CONFIGS:
 
 def test_filter_kernels_compile_for_sm90_without_spills(tmp_path):
     records = compile_sm90(BODY, tmp_path)
-    assert len(records) == 6 + 3 + 2 + 6 + 4
+    assert len(records) == 6 + 3 + 2 + 6 + 1 + 4
     spilled = [r for r in records if r["spill_bytes"] > 0]
     assert not spilled, spilled
     assert all(r["regs"] <= 255 for r in records)

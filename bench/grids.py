@@ -64,7 +64,7 @@ class Grid:
     inference: Tuple[Tuple[int, int], ...]   # (L, batch) pairs for model inference
     training: Tuple[Tuple[int, int], ...]    # (L, batch) pairs for a training step
     scan: Tuple[int, int, int, int]          # selective scan (batch, L, d_inner, d_state)
-    seq_op: Tuple[int, int, int]             # fft_filter / gated_fusion (batch, L, d)
+    seq_op: Tuple[int, int, int]             # fft_filter / causal_filter / gated_fusion (batch, L, d)
     target_s: float                          # timed seconds aimed at per benchmark (adaptive rounds)
     min_rounds: int
     max_rounds: int

@@ -34,7 +34,7 @@ MODEL_NAMES = {"m2rec": "M2Rec", "mamba4rec": "Mamba4Rec", "sasrec": "SASRec"}
 MODEL_COLORS = {"m2rec": "#1f77b4", "mamba4rec": "#ff7f0e", "sasrec": "#2ca02c"}
 BACKEND_COLORS = {"triton": "#1f77b4", "torch": "#7f7f7f", "torch.fft": "#2ca02c", "mamba_ssm": "#d62728",
                   "mamba_ssm_ref": "#ff7f0e"}
-OPS = ("selective_scan", "fft_filter", "gated_fusion")
+OPS = ("selective_scan", "fft_filter", "causal_filter", "gated_fusion")
 PASS_TITLES = {"op_forward": "forward", "op_forward_backward": "forward + backward"}
 
 

@@ -5,8 +5,12 @@ Backends compared per op:
 * ``selective_scan`` — ``triton`` (fused kernel), ``torch`` (our reference), ``mamba_ssm`` (its
   ``selective_scan_fn`` with the CUDA extension, the op a Mamba user would call) and ``mamba_ssm_ref``
   (mamba_ssm's own PyTorch ``selective_scan_ref``, the only mamba_ssm path on a CPU);
-* ``fft_filter`` (causal mode, K = L taps, n_fft = next power of two >= 2L-1, as the model) —
-  ``triton``, ``torch`` and ``torch.fft`` (the plain rfft/irfft formula FMLP-Rec uses, no checks);
+* ``fft_filter`` (causal weight, K = L taps, n_fft = next power of two >= 2L-1) — ``triton`` (the direct
+  kernel on the taps irfft(W) for L <= 256, over the whole L × L matrix), ``torch`` and ``torch.fft`` (the
+  plain rfft/irfft formula FMLP-Rec uses, no checks);
+* ``causal_filter`` (K = L taps: the model's causal filter) — ``triton`` (direct kernel, L²/2 per row and
+  channel, for L <= 256; torch.fft above), ``torch`` (FFT with a written-out backward) and ``torch.fft``
+  (rfft of the kernel and the plain formula under autograd);
 * ``gated_fusion`` (3 branches) — ``triton`` and ``torch`` (there is no ecosystem op).
 
 Forward runs under ``torch.no_grad``; forward+backward backpropagates a fixed random output gradient into
@@ -32,6 +36,7 @@ CASES = [
     ("selective_scan", "triton"), ("selective_scan", "torch"),
     ("selective_scan", "mamba_ssm"), ("selective_scan", "mamba_ssm_ref"),
     ("fft_filter", "triton"), ("fft_filter", "torch"), ("fft_filter", "torch.fft"),
+    ("causal_filter", "triton"), ("causal_filter", "torch"), ("causal_filter", "torch.fft"),
     ("gated_fusion", "triton"), ("gated_fusion", "torch"),
 ]
 
@@ -80,6 +85,24 @@ def _filter_call(backend):
     return lambda a: fft_filter(a["x"], a["weight"], a["n_fft"], backend=backend)
 
 
+def _causal_inputs(batch, L, d, device, requires_grad):
+    kernel = (torch.randn(L, d, device=device) * 0.02).requires_grad_(requires_grad)
+    return dict(x=torch.randn(batch, L, d, device=device).requires_grad_(requires_grad), kernel=kernel)
+
+
+def _causal_call(backend):
+    if backend == "torch.fft":
+        def plain(a):
+            L = a["x"].shape[1]
+            n = causal_n_fft(L, L)
+            spec = torch.fft.rfft(a["x"], n=n, dim=1) * torch.fft.rfft(a["kernel"], n=n, dim=0)
+            return torch.fft.irfft(spec, n=n, dim=1)[:, :L]
+        return plain
+    from m2rec_kernels import causal_filter
+
+    return lambda a: causal_filter(a["x"], a["kernel"], backend=backend)
+
+
 def _fusion_inputs(batch, L, d, device, requires_grad):
     def t(*shape, scale=1.0):
         return (torch.randn(*shape, device=device) * scale).requires_grad_(requires_grad)
@@ -118,6 +141,11 @@ def _case(op, backend, pass_, grid, device):
         args = _filter_inputs(batch, L, d, device, backward)
         call = _filter_call(backend)
         shape = dict(batch=batch, L=L, d=d, n_fft=args["n_fft"])
+    elif op == "causal_filter":
+        batch, L, d = grid.seq_op
+        args = _causal_inputs(batch, L, d, device, backward)
+        call = _causal_call(backend)
+        shape = dict(batch=batch, L=L, d=d, K=L)
     else:
         batch, L, d = grid.seq_op
         args = _fusion_inputs(batch, L, d, device, backward)
@@ -168,7 +196,7 @@ def _impl_note(op, backend):
     if backend == "mamba_ssm_ref":
         return mamba_reference_scan()[1]
     if backend == "torch.fft":
-        return "plain torch.fft.rfft/irfft (FMLP-Rec formula)"
+        return "plain torch.fft.rfft/irfft (FMLP-Rec formula)" + (", rfft of the kernel" if op == "causal_filter" else "")
     return f"m2rec_kernels.{op}(backend={backend!r})"
 
 

@@ -1,11 +1,10 @@
 """The frequency branch: a learnable filter applied in the FFT domain along the sequence axis.
 
-Two modes (DESIGN §2.2), both computed by ``m2rec_kernels.fft_filter``:
+Two modes (DESIGN §2.2), computed by ``m2rec_kernels.causal_filter`` and ``fft_filter``:
 
 * ``"causal"`` (default): a real time-domain kernel k (max_len, d) — one tap sequence per channel —
-  and y_t = sum_{s<=t} k_{t-s}·x_s. For a length-L input only k[:L] matters; it is transformed with an
-  unscaled rfft of length n_fft = smallest power of two >= 2L-1, long enough that the circular
-  wrap-around never reaches the first L outputs. Output t depends on inputs <= t only, so right
+  and y_t = sum_{s<=t} k_{t-s}·x_s (``causal_filter``: the FFT filter with weight rfft(k), without its
+  wrap-around). For a length-L input only k[:L] matters. Output t depends on inputs <= t only, so right
   padding does not change the valid positions and all-position training is allowed.
 * ``"circular"``: FMLP-Rec's filter (Woeee/FMLP-Rec ``modules.py::FilterLayer``): a learnable complex
   weight (max_len//2+1, d) with n_fft = L = max_len. It is a circular convolution — every position
@@ -17,9 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from m2rec_kernels import fft_filter
+from m2rec_kernels import causal_filter, fft_filter
 from m2rec_kernels._checks import check_tensor
-from m2rec_kernels.freq_filter import causal_n_fft, causal_weight
 
 FILTER_MODES = ("causal", "circular")
 
@@ -57,8 +55,7 @@ class FrequencyFilter(nn.Module):
                 raise ValueError(
                     f"FrequencyFilter: sequence length (x.shape[1]) must lie in [1, max_len={self.max_len}], got {L}"
                 )
-            n_fft = causal_n_fft(L, L)
-            return fft_filter(x, causal_weight(self.kernel[:L], n_fft), n_fft, backend=self.backend)
+            return causal_filter(x, self.kernel[:L], backend=self.backend)
         if L != self.max_len:
             raise ValueError(
                 f"FrequencyFilter: the circular filter needs sequences of exactly max_len={self.max_len} "

@@ -206,8 +206,9 @@ def _state_update() -> List[KernelCase]:
 
 
 # --------------------------------------------------------------------------------------------------
-# FFT filter, dense DFT (m2rec_kernels/freq_filter): causal mode as the model runs it, autotuned over
-# GPU_CONFIGS, so every configuration is one the host may pick. fp32 "ieee" (torch's default).
+# FFT filter, dense DFT (m2rec_kernels/freq_filter/kernels.py): no longer routed by fft_filter (the direct
+# kernel below does fewer multiply-adds, freq_filter/paths.py) but kept and timed ("triton-dft" op row)
+# until a GPU run settles it. Causal-mode shapes, every GPU_CONFIGS entry, fp32 "ieee".
 # --------------------------------------------------------------------------------------------------
 
 @register("dft_filter")
@@ -233,6 +234,73 @@ def _dft_filter() -> List[KernelCase]:
                     (batch, _cdiv(d, cfg.kwargs["BLOCK_D"])), num_warps=cfg.num_warps,
                     num_stages=getattr(cfg, "num_stages", None),
                     note="one of the autotuned configurations", config=dict(cfg.kwargs)))
+    return cases
+
+
+# --------------------------------------------------------------------------------------------------
+# direct (Toeplitz) filter (m2rec_kernels/freq_filter/toeplitz_*): what causal_filter (the model's causal
+# mode, K = L taps) and fft_filter (taps irfft(W), lags mod n_fft) run for L <= paths.DIRECT_MAX_L.
+# Fixed tiles per batch size (toeplitz_function.tiles_for), num_stages 1, fp32 "ieee".
+# --------------------------------------------------------------------------------------------------
+
+def _toeplitz_args(batch: int, L: int, d: int, K: int, wrap: int, anti: bool, tiles) -> Dict[str, object]:
+    t = tensor()
+    # x, y contiguous (B, L, d); the taps channel-major (d, K) as the launcher passes them
+    return dict(x_ptr=t, k_ptr=t, y_ptr=t, B=batch, L=L, K=K, N_WRAP=wrap,
+                stride_xb=L * d, stride_xt=d, stride_xd=1, stride_kk=1, stride_kd=K,
+                stride_yb=L * d, stride_yt=d, stride_yd=1, ANTI=anti, WRAP=wrap > 0, PRECISION="ieee",
+                BLOCK_T=tiles.block_t, BLOCK_S=tiles.block_t, BLOCK_B=tiles.block_b)
+
+
+def _direct_filter_shapes():
+    """The sequence-op bench shapes at batch 64 and 1 that the direct kernel runs (L <= DIRECT_MAX_L)."""
+    from m2rec_kernels.freq_filter import paths
+    return [(b, L, d) for b, L, d in SEQ_SHAPES + tuple((1, L, d) for _, L, d in SEQ_SHAPES)
+            if L <= paths.DIRECT_MAX_L]
+
+
+@register("toeplitz_filter")
+def _toeplitz_filter() -> List[KernelCase]:
+    """causal_filter forward and dx (ANTI) at K = L; fft_filter's forward (WRAP = n_fft, the causal
+    mode's n_fft); batch 64 and 1. Per element = per multiply-add of a BLOCK_T x BLOCK_S x BLOCK_B tile."""
+    from m2rec_kernels.freq_filter import causal_n_fft
+    from m2rec_kernels.freq_filter.toeplitz_function import tiles_for
+    from m2rec_kernels.freq_filter.toeplitz_kernels import toeplitz_filter_kernel as TK
+    cases = []
+    for batch, L, d in _direct_filter_shapes():
+        tiles = tiles_for(batch, L)
+        grid = (d, _cdiv(L, tiles.block_t), _cdiv(batch, tiles.block_b))
+        n_fft = causal_n_fft(L, L)
+        for mode, wrap, anti in (("causal_filter fwd", 0, False), ("causal_filter dx", 0, True),
+                                 ("fft_filter fwd", n_fft, False)):
+            cases.append(KernelCase(
+                "toeplitz_filter", f"B{batch} L{L} d{d} {mode}", TK,
+                _toeplitz_args(batch, L, d, n_fft if wrap else L, wrap, anti, tiles), grid,
+                num_warps=tiles.num_warps, num_stages=1,
+                loop_elements=tiles.block_t * tiles.block_t * tiles.block_b, inner_loops=1,
+                config=dict(BLOCK_T=tiles.block_t, BLOCK_S=tiles.block_t, BLOCK_B=tiles.block_b)))
+    return cases
+
+
+@register("toeplitz_corr")
+def _toeplitz_corr() -> List[KernelCase]:
+    """The tap gradient dk[j] = sum_b sum_t dy[b, t] x[b, t - j] (causal_filter backward, K = L)."""
+    from m2rec_kernels.freq_filter.toeplitz_function import tiles_for
+    from m2rec_kernels.freq_filter.toeplitz_kernels import toeplitz_corr_kernel as CK
+    cases = []
+    for batch, L, d in _direct_filter_shapes():
+        tiles = tiles_for(batch, L)
+        P = tiles.block_t
+        bands = _cdiv(L, P)   # K = L: every lag band (toeplitz_corr)
+        t = tensor()
+        args = dict(a_ptr=t, v_ptr=t, part_ptr=t, B=batch, L=L, D=d, N_BANDS=bands,
+                    stride_ab=L * d, stride_at=d, stride_ad=1, stride_vb=L * d, stride_vt=d, stride_vd=1,
+                    PRECISION="ieee", BLOCK_P=P, BLOCK_B=tiles.block_b)
+        cases.append(KernelCase(
+            "toeplitz_corr", f"B{batch} L{L} d{d} causal_filter dk", CK, args,
+            (d, bands, _cdiv(batch, tiles.block_b)), num_warps=tiles.num_warps, num_stages=1,
+            loop_elements=P * P * tiles.block_b, inner_loops=1,
+            config=dict(BLOCK_P=P, BLOCK_B=tiles.block_b)))
     return cases
 
 

@@ -32,7 +32,7 @@ from .results import file_name, load_results  # noqa: E402
 
 MODEL_NAMES = {"m2rec": "M2Rec", "mamba4rec": "Mamba4Rec", "sasrec": "SASRec"}
 MODEL_COLORS = {"m2rec": "#1f77b4", "mamba4rec": "#ff7f0e", "sasrec": "#2ca02c"}
-BACKEND_COLORS = {"triton": "#1f77b4", "torch": "#7f7f7f", "torch.fft": "#2ca02c", "mamba_ssm": "#d62728",
+BACKEND_COLORS = {"triton": "#1f77b4", "triton-dft": "#9467bd", "torch": "#7f7f7f", "torch.fft": "#2ca02c", "mamba_ssm": "#d62728",
                   "mamba_ssm_ref": "#ff7f0e"}
 OPS = ("selective_scan", "fft_filter", "causal_filter", "gated_fusion")
 PASS_TITLES = {"op_forward": "forward", "op_forward_backward": "forward + backward"}
@@ -223,7 +223,7 @@ def _ms(v: float) -> str:
 
 def plot_ops(data: Dict, source: Path, out: Path) -> Path:
     rows = [r for r in data["rows"] if r["kind"] in PASS_TITLES]
-    order = ("triton", "torch", "torch.fft", "mamba_ssm", "mamba_ssm_ref")
+    order = ("triton", "triton-dft", "torch", "torch.fft", "mamba_ssm", "mamba_ssm_ref")
     backends = [b for b in order if any(r["backend"] == b for r in rows)]
     ran = {b for b in backends if any(r["backend"] == b and r["status"] == "ok" for r in rows)}
     fig, axes = _panels(2, width=6.4, height=4.8)

@@ -6,8 +6,10 @@ Backends compared per op:
   ``selective_scan_fn`` with the CUDA extension, the op a Mamba user would call) and ``mamba_ssm_ref``
   (mamba_ssm's own PyTorch ``selective_scan_ref``, the only mamba_ssm path on a CPU);
 * ``fft_filter`` (causal weight, K = L taps, n_fft = next power of two >= 2L-1) — ``triton`` (the direct
-  kernel on the taps irfft(W) for L <= 256, over the whole L × L matrix), ``torch`` and ``torch.fft`` (the
-  plain rfft/irfft formula FMLP-Rec uses, no checks);
+  kernel on the taps irfft(W) for L <= 256, over the whole L × L matrix), ``triton-dft`` (the dense-DFT
+  kernel, which fft_filter no longer routes to: timed so that a GPU run can confirm the static estimate
+  behind that rule, ``freq_filter/paths.py``), ``torch`` and ``torch.fft`` (the plain rfft/irfft formula
+  FMLP-Rec uses, no checks);
 * ``causal_filter`` (K = L taps: the model's causal filter) — ``triton`` (direct kernel, L²/2 per row and
   channel, for L <= 256; torch.fft above), ``torch`` (FFT with a written-out backward) and ``torch.fft``
   (rfft of the kernel and the plain formula under autograd);
@@ -35,7 +37,7 @@ PASSES = ("forward", "forward_backward")
 CASES = [
     ("selective_scan", "triton"), ("selective_scan", "torch"),
     ("selective_scan", "mamba_ssm"), ("selective_scan", "mamba_ssm_ref"),
-    ("fft_filter", "triton"), ("fft_filter", "torch"), ("fft_filter", "torch.fft"),
+    ("fft_filter", "triton"), ("fft_filter", "triton-dft"), ("fft_filter", "torch"), ("fft_filter", "torch.fft"),
     ("causal_filter", "triton"), ("causal_filter", "torch"), ("causal_filter", "torch.fft"),
     ("gated_fusion", "triton"), ("gated_fusion", "torch"),
 ]
@@ -82,6 +84,10 @@ def _filter_call(backend):
         return plain
     from m2rec_kernels import fft_filter
 
+    if backend == "triton-dft":  # the dense-DFT kernel, no longer routed: timed so a GPU run can settle it
+        from m2rec_kernels.freq_filter.function import fft_filter_triton
+
+        return lambda a: fft_filter_triton(a["x"], a["weight"], a["n_fft"])
     return lambda a: fft_filter(a["x"], a["weight"], a["n_fft"], backend=backend)
 
 
@@ -179,7 +185,7 @@ SLOW_REF_BACKWARD = ("mamba_ssm's selective_scan_ref backward is quadratic in L 
 def _unavailable(op, backend, pass_, device):
     if backend == "mamba_ssm_ref" and pass_ == "forward_backward" and device.type == "cpu" and not smoke_mode():
         return SLOW_REF_BACKWARD
-    if backend == "triton":
+    if backend in ("triton", "triton-dft"):
         return triton_not_run_reason(device)
     if backend == "mamba_ssm":
         fn, why = mamba_cuda_scan()
@@ -195,6 +201,8 @@ def _impl_note(op, backend):
         return mamba_cuda_scan()[1]
     if backend == "mamba_ssm_ref":
         return mamba_reference_scan()[1]
+    if backend == "triton-dft":
+        return "dense-DFT Triton kernel (freq_filter/kernels.py), not routed by fft_filter (paths.py)"
     if backend == "torch.fft":
         return "plain torch.fft.rfft/irfft (FMLP-Rec formula)" + (", rfft of the kernel" if op == "causal_filter" else "")
     return f"m2rec_kernels.{op}(backend={backend!r})"

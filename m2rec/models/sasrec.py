@@ -97,7 +97,7 @@ class SASRec(SequentialRecommender):
         if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1 or d_model % n_heads:
             raise ValueError(f"SASRec: n_heads must be a positive int dividing d_model={d_model}, got {n_heads!r}")
         dropout = check_dropout("SASRec", dropout)
-        self.causal = True
+        self.causal, self.n_heads = True, n_heads
         self.position_embedding = nn.Embedding(max_len, d_model)
         self.embedding_norm = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
         self.embedding_dropout = nn.Dropout(dropout)

@@ -153,16 +153,16 @@ class M2RecLayer(nn.Module):
         out = self._fuse_last(h, m, s_last, lengths) if last_only else self._fuse_all(h, m, s)[0]
         return out, state
 
-    def step(self, h: torch.Tensor, s: Optional[torch.Tensor], state: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def step(self, h: torch.Tensor, s: Optional[torch.Tensor], state: Dict[str, torch.Tensor],
+             positions: torch.Tensor) -> torch.Tensor:
         """One new position: h (batch, d_model) the layer's input there, s (batch, d_model) the semantic
-        stream there; ``state`` (see ``init_state``) is updated (in place, the filter's history
-        replaced). Returns the layer's output (batch, d_model)."""
+        stream there, ``positions`` (batch,) its 0-based index in each sequence; ``state`` (see
+        ``init_state``) is updated in place. Returns the layer's output (batch, d_model)."""
         check_tensor("M2RecLayer.step", "h", h, shape=(None, self.d_model))
         self._check_semantic(s, tuple(h.shape), h.device)
         branches = [self.mamba.step(h[:, None, :], state["conv"], state["ssm"])[0][:, 0]]
         if self.filter is not None:
-            y, state["filter"] = self.filter.step(h, state["filter"])
-            branches.append(y)
+            branches.append(self.filter.step(h, state["filter"], positions))
         if self.semantic:
             branches.append(s.to(h.dtype))
         return self._fuse([b[:, None, :] for b in branches], h[:, None, :])[0][:, 0]

@@ -248,7 +248,9 @@ class SequentialRecommender(nn.Module):
                     state.hidden.index_copy_(0, rows, hidden)
                     state.seen[rows] += 1
         scores = self._catalogue_scores(state.hidden)
-        scores[state.seen == 0] = float("nan")
+        empty = (state.seen == 0).nonzero()[:, 0]
+        if empty.numel():  # (a boolean-mask fill would scan the whole score matrix every step)
+            scores.index_fill_(0, empty, float("nan"))
         return scores, state
 
     def loss(self, item_seq: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,

@@ -148,5 +148,5 @@ class M2Rec(SequentialRecommender):
         h = self._embed(items)
         s = self.semantic_stream(items) if self.use_semantic else None
         for layer, state in zip(self.layers, layers):
-            h = layer.step(h, s, state)
+            h = layer.step(h, s, state, positions)
         return h

@@ -6,7 +6,8 @@ history (DESIGN §10, "Streaming"):
 
 * M2Rec layer: ``conv`` (batch, d_inner, d_conv) the Mamba branch's conv window (its last inputs),
   ``ssm`` (batch, d_inner, d_state) its SSM state (fp32; fp64 for a double model), and, with the
-  causal filter, ``filter`` (batch, max_len, d_model) the filter's last max_len inputs, oldest first;
+  causal filter, ``filter`` (batch, max_len, d_model) the filter's last max_len inputs as a ring (the
+  input at position i in slot i mod max_len, zeros where there was none yet);
 * Mamba4Rec layer: ``conv`` and ``ssm``;
 * SASRec layer: ``k`` and ``v`` (batch, heads, max_len, d_model / heads), the attention's key/value
   cache by position.
@@ -75,7 +76,8 @@ def write_rows(layers: List[Dict[str, torch.Tensor]], rows: torch.Tensor,
 def eval_mode(module: nn.Module):
     """Run with every submodule in eval mode (dropout off), then restore each one's own mode."""
     modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    for m, _ in modes:  # what module.eval() does, without walking the tree again
+        m.training = False
     try:
         yield
     finally:

@@ -236,3 +236,16 @@ def test_state_layout():
         assert layer["filter"].shape == (3, MAX_LEN, D)
     kv = SASRec(N_ITEMS, d_model=D, max_len=MAX_LEN, n_layers=2, n_heads=2).init_state(3).layers
     assert [tuple(layer["k"].shape) for layer in kv] == [(3, 2, MAX_LEN, D // 2)] * 2
+
+
+def test_states_made_in_inference_mode_step_outside_it():
+    model = perturbed(m2rec(1)).eval()
+    seq, lengths = histories([6, 3], seed=5)
+    with torch.inference_mode():
+        _, state = model.prefill(seq[:, :2], torch.clamp(lengths, max=2))
+    scores, _ = model.step(state, seq[:, 2])  # no "inplace update to inference tensor" error
+    with torch.no_grad():
+        assert_scores_close(scores, prefix_scores(model, seq, torch.tensor([3, 3])), 2e-5)
+    fresh = model.init_state(2)
+    scores, _ = model.step(fresh, seq[:, 0])
+    scores[:, 1] = float("-inf")  # an ordinary tensor: callers may mask seen items in place

@@ -223,15 +223,22 @@ class SequentialRecommender(nn.Module):
             raise ValueError(f"{name}.step: the state is {state.dtype} on {state.device} but the model is now "
                              f"{weight.dtype} on {weight.device} (converted or moved since): make a new state")
 
-    @torch.no_grad()
     def step(self, state: StreamState, items: torch.Tensor) -> Tuple[torch.Tensor, StreamState]:
         """Take one new item per user and return (scores (batch, n_items + 1), state).
 
         ``items`` (batch,): the new item of each user, or 0 for a user without one (its state is left
         as it is and its scores are those after its current history). A user with no history at all
         gets a row of NaN (there is nothing to score from). The state is updated in place and
-        returned. Inference only: no gradients, eval mode (dropout off)."""
+        returned. Inference only: no gradients, eval mode (dropout off). A state made under
+        ``torch.inference_mode()`` holds inference tensors, which only that mode may update: the step
+        then runs in it (and its scores are inference tensors too); otherwise under ``torch.no_grad()``."""
         self._check_state(state)
+        in_inference = any(t.is_inference() for t in (state.hidden, state.seen, *(
+            t for layer in state.layers for t in layer.values())))
+        with torch.inference_mode() if in_inference else torch.no_grad():
+            return self._step(state, items)
+
+    def _step(self, state: StreamState, items: torch.Tensor) -> Tuple[torch.Tensor, StreamState]:
         items = check_items(type(self).__name__, items, state, self.n_items)
         active = items != 0
         n_active = int(active.sum())

@@ -249,3 +249,16 @@ def test_states_made_in_inference_mode_step_outside_it():
     fresh = model.init_state(2)
     scores, _ = model.step(fresh, seq[:, 0])
     scores[:, 1] = float("-inf")  # an ordinary tensor: callers may mask seen items in place
+
+
+def test_readme_serving_snippet_runs_as_printed():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Serving a live user"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    env = {}
+    exec(compile(code, "README.md: Serving a live user", "exec"), env)
+    assert env["top10"].shape == (2, 10) and env["newcomers"].batch_size == 8
+    assert bool(env["state"].seen.eq(torch.tensor([4, 4])).all())

@@ -113,19 +113,19 @@ def test_layer_counts_one_full_and_one_final_scan(monkeypatch):
     assert calls == {"full": 1, "final": 1}
 
 
-def test_triton_backend_under_the_interpreter():
+def test_triton_backend_under_the_interpreter(device):
     for n_layers, kw in ((1, {}), (2, dict(filter="circular")), (1, dict(use_frequency=False, text=False))):
         torch.manual_seed(n_layers)
-        model = perturbed(m2rec(n_layers, **{**kw, "backend": "triton"}))
+        model = perturbed(m2rec(n_layers, **{**kw, "backend": "triton"})).to(device)
         L = MAX_LEN if kw.get("filter") == "circular" else 7
-        seq, lengths = batch(L, [L, 3, 1])
+        seq, lengths = (t.to(device) for t in batch(L, [L, 3, 1]))
+        model_torch = m2rec(n_layers, **{**kw, "backend": "torch"}).to(device)
+        model_torch.load_state_dict(model.state_dict())
         with torch.no_grad():
             got, want = model.scores(seq, lengths), full_forward_scores(model, seq, lengths)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want[:, 1:].abs().max()))
-            model_torch = perturbed(m2rec(n_layers, **{**kw, "backend": "torch"}))
-            model_torch.load_state_dict(model.state_dict())
-            torch.testing.assert_close(got, model_torch.scores(seq, lengths), rtol=1e-4,
-                                       atol=1e-4 * float(want[:, 1:].abs().max()))
+            tol = dict(rtol=1e-4, atol=1e-4 * float(want[:, 1:].abs().max()))
+            torch.testing.assert_close(got, want, **tol)
+            torch.testing.assert_close(got, model_torch.scores(seq, lengths), **tol)
 
 
 @pytest.mark.skipif(import_mamba_ssm()[0] is None, reason="mamba_ssm not importable")

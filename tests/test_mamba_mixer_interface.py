@@ -22,7 +22,7 @@ from m2rec.layers import MambaMixer
 from m2rec.mamba_ssm_compat import import_mamba_ssm
 
 mamba_ssm, how = import_mamba_ssm()
-pytestmark = pytest.mark.skipif(mamba_ssm is None, reason=f"mamba_ssm not importable: {how}")
+needs_mamba_ssm = pytest.mark.skipif(mamba_ssm is None, reason=f"mamba_ssm not importable: {how}")
 
 if mamba_ssm is not None:
     import mamba_ssm.models.mixer_seq_simple as mixer_seq_simple
@@ -35,7 +35,8 @@ if mamba_ssm is not None:
 @pytest.fixture
 def reference_path(monkeypatch):
     """The real Mamba's PyTorch step (its Triton selective_state_update is not under test)."""
-    monkeypatch.setattr(mamba_simple, "selective_state_update", None)
+    if mamba_ssm is not None:
+        monkeypatch.setattr(mamba_simple, "selective_state_update", None)
 
 
 def _perturb(module, scale=0.1):
@@ -44,6 +45,7 @@ def _perturb(module, scale=0.1):
             p.add_(scale * torch.randn_like(p))
 
 
+@needs_mamba_ssm
 def test_exported_and_same_constructor_signature():
     assert m2rec.MambaMixer is MambaMixer
     real = inspect.signature(mamba_ssm.Mamba.__init__).parameters
@@ -65,6 +67,7 @@ OPTIONS = [
 ]
 
 
+@needs_mamba_ssm
 @pytest.mark.parametrize("options", OPTIONS, ids=[",".join(f"{k}={v}" for k, v in o.items()) or "defaults"
                                                   for o in OPTIONS])
 def test_same_seed_gives_bit_identical_parameters(options):
@@ -81,6 +84,7 @@ def test_same_seed_gives_bit_identical_parameters(options):
     assert getattr(mixer.dt_proj.bias, "_no_reinit", False) and mixer.layer_idx == real.layer_idx
 
 
+@needs_mamba_ssm
 def test_random_stream_is_left_where_mamba_leaves_it():
     torch.manual_seed(5)
     mamba_ssm.Mamba(d_model=16, d_state=3, bias=True)
@@ -121,6 +125,7 @@ def _models(n_layer=2, d_model=16, vocab=40, ssm_cfg=None, monkeypatch=None, bac
     return real, ours
 
 
+@needs_mamba_ssm
 @pytest.mark.parametrize("ssm_cfg", [None, dict(bias=True, conv_bias=False, dt_init="constant")])
 def test_inside_mixer_model_same_parameters_outputs_and_gradients(monkeypatch, ssm_cfg):
     real, ours = _models(ssm_cfg=ssm_cfg, monkeypatch=monkeypatch)
@@ -141,6 +146,7 @@ def test_inside_mixer_model_same_parameters_outputs_and_gradients(monkeypatch, s
         torch.testing.assert_close(ours_params[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@needs_mamba_ssm
 def test_block_with_mixer_cls_partial():
     torch.manual_seed(1)
     mixer_cls = partial(MambaMixer, d_state=4, layer_idx=0, backend="torch")
@@ -166,6 +172,7 @@ def _decode(model, ids, prompt):
     return torch.cat(outs, 1), params
 
 
+@needs_mamba_ssm
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_step_by_step_through_inference_params(monkeypatch, reference_path, backend):
     real, ours = _models(monkeypatch=monkeypatch, backend=backend)
@@ -192,6 +199,7 @@ class _NoOpEvent:
         pass
 
 
+@needs_mamba_ssm
 def test_generate_with_mamba_lm_head_model(monkeypatch, reference_path):
     monkeypatch.setattr(torch.cuda, "Event", _NoOpEvent)
     cfg = dict(d_model=16, n_layer=2, vocab_size=32, ssm_cfg=dict(d_state=4), rms_norm=False,
@@ -211,6 +219,7 @@ def test_generate_with_mamba_lm_head_model(monkeypatch, reference_path):
         torch.testing.assert_close(sb, sa, rtol=1e-4, atol=1e-5)
 
 
+@needs_mamba_ssm
 def test_allocate_inference_cache_and_step_match_mamba(reference_path):
     torch.manual_seed(2)
     mixer = MambaMixer(12, d_state=4, d_conv=3, bias=True, backend="torch")
@@ -234,10 +243,17 @@ def test_allocate_inference_cache_and_step_match_mamba(reference_path):
             torch.testing.assert_close(ssm, ssm_r, rtol=1e-5, atol=1e-6)
 
 
+class _Params:
+    """What MambaMixer reads of mamba_ssm's InferenceParams (duck-typed: mamba_ssm is not needed)."""
+
+    def __init__(self):
+        self.seqlen_offset, self.key_value_memory_dict = 0, {}
+
+
 def test_interface_errors_name_the_problem():
     mixer = MambaMixer(8, d_state=3, backend="torch")
     with pytest.raises(ValueError, match="layer_idx"):
-        mixer(torch.randn(1, 4, 8), inference_params=InferenceParams(max_seqlen=4, max_batch_size=1))
+        mixer(torch.randn(1, 4, 8), inference_params=_Params())
     conv, ssm = mixer.allocate_inference_cache(2, 4)
     with pytest.raises(ValueError, match="one token"):
         mixer.step(torch.randn(2, 2, 8), conv, ssm)
@@ -250,28 +266,28 @@ def test_interface_errors_name_the_problem():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_forward_last_and_prefill_states_per_sequence(backend):
+def test_forward_last_and_prefill_states_per_sequence(backend, device):
     torch.manual_seed(4)
-    mixer = MambaMixer(10, d_state=3, d_conv=3, backend=backend)
+    mixer = MambaMixer(10, d_state=3, d_conv=3, backend=backend, device=device)
     _perturb(mixer)
-    h = torch.randn(3, 7, 10)
-    lengths = torch.tensor([7, 2, 5])
+    h = torch.randn(3, 7, 10, device=device)
+    lengths = torch.tensor([7, 2, 5], device=device)
     with torch.no_grad():
         full = mixer(h)
-        rows = torch.arange(3)
+        rows = torch.arange(3, device=device)
         torch.testing.assert_close(mixer.forward_last(h, lengths), full[rows, lengths - 1], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(mixer.forward_last(h), full[:, -1], rtol=1e-5, atol=1e-6)
         out, conv, ssm = mixer.prefill(h, lengths)
-        valid = torch.arange(7)[None, :] < lengths[:, None]
+        valid = torch.arange(7, device=device)[None, :] < lengths[:, None]
         torch.testing.assert_close(out[valid], full[valid])  # positions >= length are padding
         # continuing each sequence with step equals running it whole
-        nxt = torch.randn(3, 1, 10)
+        nxt = torch.randn(3, 1, 10, device=device)
         stepped = mixer.step(nxt, conv, ssm)[0][:, 0]
         for b in range(3):
             n = int(lengths[b])
             whole = mixer(torch.cat([h[b:b + 1, :n], nxt[b:b + 1]], 1))[0, -1]
             torch.testing.assert_close(stepped[b], whole, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="lengths"):
-        mixer.forward_last(h, torch.tensor([7, 0, 5]))
+        mixer.forward_last(h, torch.tensor([7, 0, 5], device=device))
     with pytest.raises(ValueError, match="lengths"):
-        mixer.forward_last(h, torch.tensor([8, 1, 5]))
+        mixer.forward_last(h, torch.tensor([8, 1, 5], device=device))

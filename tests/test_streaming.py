@@ -166,9 +166,9 @@ def test_sasrec_stream_ends_at_max_len():
         assert torch.equal(state.seen, torch.tensor([4, 3]))
 
 
-def test_triton_backend_streams_under_the_interpreter():
-    model = perturbed(m2rec(1, backend="triton"), 0.1)
-    seq, lengths = histories([5, 2, 4], seed=2)
+def test_triton_backend_streams_under_the_interpreter(device):
+    model = perturbed(m2rec(1, backend="triton"), 0.1).to(device)
+    seq, lengths = (t.to(device) for t in histories([5, 2, 4], seed=2))
     with torch.no_grad():
         scores, state = model.prefill(seq[:, :2], torch.clamp(lengths, max=2))
         for t in range(2, 5):

@@ -129,11 +129,10 @@ class M2RecLayer(nn.Module):
         state in fp32, fp64 for a double layer) and {"filter"} the filter's input history."""
         if self.filter is not None:
             self.filter._check_streamable()
-        dtype = self.mamba.in_proj.weight.dtype if dtype is None else dtype
-        conv, ssm = self.mamba.allocate_inference_cache(batch_size, 1, dtype=dtype)
-        state = {"conv": conv.to(device), "ssm": ssm.to(device=device, dtype=_state_dtype(dtype))}
+        conv, ssm = self.mamba.zero_states(batch_size, dtype=dtype)
+        state = {"conv": conv.to(device), "ssm": ssm.to(device)}
         if self.filter is not None:
-            state["filter"] = self.filter.init_history(batch_size, device=device, dtype=dtype)
+            state["filter"] = self.filter.init_history(batch_size, device=device, dtype=conv.dtype)
         return state
 
     def prefill(self, h: torch.Tensor, s: Optional[torch.Tensor], lengths: torch.Tensor,
@@ -147,7 +146,7 @@ class M2RecLayer(nn.Module):
         if self.filter is not None:
             self.filter._check_streamable()
         m, conv, ssm = self.mamba.prefill(h, lengths, last_only=last_only)
-        state = {"conv": conv, "ssm": ssm.to(_state_dtype(h.dtype))}
+        state = {"conv": conv, "ssm": ssm}
         if self.filter is not None:
             state["filter"] = self.filter.history(h, lengths)
         out = self._fuse_last(h, m, s_last, lengths) if last_only else self._fuse_all(h, m, s)[0]
@@ -166,8 +165,3 @@ class M2RecLayer(nn.Module):
         if self.semantic:
             branches.append(s.to(h.dtype))
         return self._fuse([b[:, None, :] for b in branches], h[:, None, :])[0][:, 0]
-
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The SSM state is kept in fp32 for any activation dtype (fp64 for a double model)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -299,6 +299,14 @@ class MambaMixer(nn.Module):
         return conv_state, ssm_state
 
     # ----- beyond mamba_ssm: last position and per-sequence states -------------------------------
+    def zero_states(self, batch_size: int, dtype=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Zero (conv_state, ssm_state) in the form ``prefill`` returns them: the conv window in
+        ``dtype`` (the weights' by default), the SSM state in fp32 (fp64 for a double model) whatever
+        the activations' dtype, as the scan keeps it."""
+        conv_state, _ = self.allocate_inference_cache(batch_size, 1, dtype=dtype)
+        wide = torch.float64 if conv_state.dtype == torch.float64 else torch.float32
+        return conv_state, conv_state.new_zeros(batch_size, self.d_inner, self.d_state, dtype=wide)
+
     def forward_last(self, hidden_states: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The output at each sequence's last position only, (batch, d_model): equal to
         ``forward(hidden_states)[b, lengths[b] - 1]`` (position L - 1 without ``lengths``). The scan

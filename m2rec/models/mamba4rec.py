@@ -97,9 +97,8 @@ class Mamba4RecLayer(nn.Module):
 
     # Streaming runs MambaMixer (on the shared parameters) whatever ``impl`` is: same math.
     def init_state(self, batch_size: int, device=None, dtype=None):
-        conv, ssm = self.mamba.allocate_inference_cache(batch_size, 1, dtype=dtype)
-        ssm_dtype = torch.float64 if conv.dtype == torch.float64 else torch.float32
-        return {"conv": conv.to(device), "ssm": ssm.to(device=device, dtype=ssm_dtype)}
+        conv, ssm = self.mamba.zero_states(batch_size, dtype=dtype)
+        return {"conv": conv.to(device), "ssm": ssm.to(device)}
 
     def prefill(self, h: torch.Tensor, lengths: torch.Tensor, last_only: bool = False):
         m, conv, ssm = self.mamba.prefill(h, lengths, last_only=last_only)

@@ -178,10 +178,12 @@ def test_step_by_step_through_inference_params(monkeypatch, reference_path, back
     real, ours = _models(monkeypatch=monkeypatch, backend=backend)
     _perturb(real)
     ours.load_state_dict(real.state_dict())
-    ids = torch.randint(0, 40, (3, 9))
+    ids = torch.randint(0, 40, (3, 8))
+    # prompts shorter than, and longer than, the conv window (d_conv 3); one under the interpreter
+    prompts = (1, 5) if backend == "torch" else (2,)
     with torch.no_grad():
         full = ours(ids)
-        for prompt in (1, 2, 5):  # shorter than, and longer than, the conv window (d_conv 3)
+        for prompt in prompts:
             got, params = _decode(ours, ids, prompt)
             want, real_params = _decode(real, ids, prompt)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -63,6 +63,7 @@ class Grid:
     n_items: int
     inference: Tuple[Tuple[int, int], ...]   # (L, batch) pairs for model inference
     training: Tuple[Tuple[int, int], ...]    # (L, batch) pairs for a training step
+    streaming: Tuple[Tuple[int, int], ...]   # (L, batch): one streaming step after an (L - 1)-item history
     scan: Tuple[int, int, int, int]          # selective scan (batch, L, d_inner, d_state)
     seq_op: Tuple[int, int, int]             # fft_filter / causal_filter / gated_fusion (batch, L, d)
     target_s: float                          # timed seconds aimed at per benchmark (adaptive rounds)
@@ -79,6 +80,7 @@ GPU = Grid(
     n_items=N_ITEMS_ML1M,
     inference=_product((50, 200, 1000, 2000), (1, 64, 256)),
     training=_product((50, 200), (64, 256)),
+    streaming=((200, 64), (200, 256)),
     scan=(64, 200, EXPAND * D_MODEL, D_STATE),
     seq_op=(64, 200, D_MODEL),
     # a lent GPU has minutes, not hours: ~0.3 s of timed calls per row (at least 5) keeps the
@@ -96,6 +98,7 @@ CPU = Grid(
     n_items=N_ITEMS_ML1M,
     inference=_product((50, 200, 1000, 2000), (64,)) + _product((50, 200, 1000, 2000), (1,)),
     training=_product((50, 200), (32,)),
+    streaming=((200, 64),),  # next to the inference row at L 200, batch 64 (issue 12: step <= 1/20 of it)
     scan=(64, 200, EXPAND * D_MODEL, D_STATE),
     seq_op=(64, 200, D_MODEL),
     target_s=1.0,
@@ -108,6 +111,7 @@ SMOKE = Grid(
     n_items=50,
     inference=((8, 2),),
     training=((8, 2),),
+    streaming=((8, 2),),
     scan=(2, 8, 16, 4),
     seq_op=(2, 8, 16),
     target_s=0.0,

@@ -7,7 +7,8 @@ it, per machine tag:
 * ``bench-<tag>-memory.png``   — peak memory of one inference call vs sequence length;
 * ``bench-<tag>-speedup.png``  — M2Rec's speedup over each baseline (baseline latency / M2Rec latency);
 * ``bench-<tag>-ops.png``      — op-level speed relative to the torch reference, forward and fwd+bwd;
-* ``bench-<tag>-training.png`` — training-step throughput (sequences per second).
+* ``bench-<tag>-training.png`` — training-step throughput (sequences per second);
+* ``bench-<tag>-streaming.png`` — one streaming ``step`` beside a full ``scores()`` at the same L and batch.
 
 Every number comes from the results file; rows that were not run are named in the legend or on the bar
 with their reason, and the caption names the machine and the date of the run.
@@ -324,6 +325,55 @@ def plot_training(data: Dict, source: Path, out: Path) -> Path:
     return out
 
 
+def plot_streaming(data: Dict, source: Path, out: Path) -> Path:
+    rows = data["rows"]
+    stream = sorted((r for r in rows if r["kind"] == "streaming"),
+                    key=lambda r: (r["name"], r["backend"], r["batch"], r["L"]))
+    full = {(r["name"], r["backend"], r["L"], r["batch"]): r for r in rows
+            if r["kind"] == "inference" and r["status"] == "ok"}
+    fig, axes = _panels(1, width=8.5, height=4.8)
+    ax = axes[0]
+    width, values, notes = 0.38, [1.0], {}
+    for i, r in enumerate(stream):
+        key = (r["name"], r["backend"], r["L"], r["batch"])
+        if r["status"] != "ok":
+            ax.bar(i, 1.0, 2 * width, color="white", edgecolor="#999999", hatch="//", linewidth=0.6)
+            ax.text(i, 1.0, "not run", ha="center", va="bottom", fontsize=7)
+            notes.setdefault(series_label(r["name"], r["backend"]), r["reason"])
+            continue
+        step_ms = float(r["median_ms"])
+        bars = [(i + width / 2, step_ms, MODEL_COLORS.get(r["name"], "black"), "step")]
+        scores = full.get(key)
+        if scores is not None:
+            bars.insert(0, (i - width / 2, float(scores["median_ms"]), "#bbbbbb", "scores()"))
+            ax.text(i, float(scores["median_ms"]) * 2.2, f"step = 1/{float(scores['median_ms']) / step_ms:.3g}\nof scores()",
+                    ha="center", va="bottom", fontsize=8)
+        for x, v, color, label in bars:
+            values.append(v)
+            ax.bar(x, v, width, color=color, label=label)
+            ax.text(x, v, _ms(v), ha="center", va="bottom", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(stream)))
+    ax.set_xticklabels([f"{series_label(r['name'], r['backend'])}\nL={r['L']}, batch={r['batch']}" for r in stream],
+                       fontsize=8)
+    ax.set_ylim(min(values) / 3, max(values) * 12)
+    ax.set_ylabel("latency per batch (ms, median, log scale)")
+    ax.grid(True, axis="y", which="major", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    fig.legend(list(uniq.values()), list(uniq.keys()), fontsize=8, loc="center right", frameon=False)
+    ax.set_title("Streaming: one new item per user (step) vs scoring the whole history (scores())")
+    extra = (f"step: M2Rec.step after a prefill of L - 1 items per user, scores over the catalogue "
+             f"({_n_items(data)} items) included; scores(): the inference row at the same L and batch.")
+    if notes:
+        extra += "\nNot run: " + "; ".join(f"{k}: {why}" for k, why in notes.items())
+    _caption(fig, data, source, "\n".join(textwrap.fill(part, 150) for part in extra.split("\n")))
+    fig.tight_layout(rect=(0, 0.14, 0.85, 1))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_results(results_json: Path) -> List[Path]:
     """Draw every figure for one results file; returns the PNG paths."""
     results_json = Path(results_json)
@@ -331,7 +381,7 @@ def plot_results(results_json: Path) -> List[Path]:
     tag, out_dir = data.get("machine_tag", "cpu"), results_json.parent
     pngs = []
     for what, fn in (("latency", plot_latency), ("memory", plot_memory), ("speedup", plot_speedup),
-                     ("ops", plot_ops), ("training", plot_training)):
+                     ("ops", plot_ops), ("training", plot_training), ("streaming", plot_streaming)):
         pngs.append(fn(data, results_json, out_dir / file_name(tag, f"{what}.png")))
     return pngs
 

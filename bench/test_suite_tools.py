@@ -60,16 +60,18 @@ def _example_rows():
         _raw(0.004, 64, kind="op_forward", name="fft_filter", backend="torch", L=200, device="cpu"),
         _raw(0.002, 64, kind="op_forward", name="fft_filter", backend="torch.fft", L=200, device="cpu"),
         _raw(0.1, 64, kind="training", name="sasrec", backend="sdpa", L=50, device="cpu"),
+        _raw(0.01, 64, kind="streaming", name="m2rec", backend="torch", L=200, device="cpu"),
         {"extra_info": {}, "stats": {}},  # someone else's benchmark: ignored
     ]}
     not_run = [dict(kind="inference", name="m2rec", backend="triton", L=200, batch=64, reason="no CUDA"),
+               dict(kind="streaming", name="m2rec", backend="triton", L=200, batch=64, reason="no CUDA"),
                dict(kind="op_forward", name="fft_filter", backend="triton", L=200, batch=64, reason="no CUDA")]
     return rows_from_pytest_benchmark(raw) + rows_from_not_run(not_run)
 
 
 def test_tidy_rows_derive_per_sequence_and_throughput():
     rows = _example_rows()
-    assert len(rows) == 9
+    assert len(rows) == 11
     r = next(r for r in rows if r["name"] == "m2rec" and r["L"] == 200 and r["status"] == "ok")
     assert r["mean_ms"] == pytest.approx(500.0)
     assert r["per_seq_ms"] == pytest.approx(500.0 / 64)
@@ -105,7 +107,8 @@ def test_results_round_trip_and_plots(tmp_path):
     data = load_results(paths["json"])
     assert data["machine"]["cpu_model"] == "Test CPU" and len(data["rows"]) == len(rows)
     pngs = plot_results(paths["json"])
-    assert [p.name for p in pngs] == [f"bench-cpu-{w}.png" for w in ("latency", "memory", "speedup", "ops", "training")]
+    assert [p.name for p in pngs] == [f"bench-cpu-{w}.png" for w in ("latency", "memory", "speedup", "ops", "training",
+                                                                      "streaming")]
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
 
@@ -130,19 +133,21 @@ def test_run_suite_smoke_end_to_end(tmp_path):
     env = dict(os.environ, M2REC_BENCH_SMOKE="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run([sys.executable, "-m", "bench.run_suite", "--out", str(tmp_path), "--",
-                           "-k", "sasrec or (fft_filter and not backward)", "bench/test_bench_inference.py",
-                           "bench/test_bench_ops.py"],
+                           "-k", "sasrec or (fft_filter and not backward) or stream", "bench/test_bench_inference.py",
+                           "bench/test_bench_ops.py", "bench/test_bench_streaming.py"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = load_results(tmp_path / "bench-cpu-results.json")
     ok = {(r["kind"], r["name"], r["backend"]) for r in data["rows"] if r["status"] == "ok"}
     assert ("inference", "sasrec", "sdpa") in ok and ("op_forward", "fft_filter", "torch") in ok
+    assert ("streaming", "m2rec", "torch") in ok
     # compiled Triton is unavailable here and the interpreter is never timed: recorded, not run
     triton = [r for r in data["rows"] if r["backend"] == "triton"]
     assert triton and all(r["status"] == "not run" and r["reason"] for r in triton)
     sasrec = next(r for r in data["rows"] if r["kind"] == "inference" and r["name"] == "sasrec")
     assert sasrec["peak_mem_mb"] is not None and sasrec["peak_mem_mb"] >= 0
-    for what in ("raw.json", "results.csv", "latency.png", "memory.png", "speedup.png", "ops.png", "training.png"):
+    for what in ("raw.json", "results.csv", "latency.png", "memory.png", "speedup.png", "ops.png", "training.png",
+                 "streaming.png"):
         assert (tmp_path / f"bench-cpu-{what}").exists(), what
 
 

@@ -17,6 +17,8 @@ from .grids import D_MODEL, D_STATE, TEXT_DIM
 #: (model name, backend label) of every model-level row. The label is what the plots show: M2Rec on
 #: either kernel backend; Mamba4Rec on whatever Mamba it resolves to (recorded in ``impl``); SASRec on SDPA.
 MODEL_CASES = (("m2rec", "triton"), ("m2rec", "torch"), ("mamba4rec", "auto"), ("sasrec", "sdpa"))
+#: the streaming rows: M2Rec on each of its backends
+STREAM_CASES = tuple(case for case in MODEL_CASES if case[0] == "m2rec")
 
 
 def random_text_table(n_items: int, dim: int = TEXT_DIM, seed: int = 0) -> torch.Tensor:
@@ -70,6 +72,23 @@ def inference_call(model: torch.nn.Module, item_seq, lengths):
     def call():
         with torch.inference_mode():
             return model.scores(item_seq, lengths)
+
+    return call
+
+
+def stream_step_call(model: torch.nn.Module, item_seq, lengths):
+    """The timed streaming job: ``model.step`` with one new item per user (item_seq[:, -1]) on a state
+    warmed by ``prefill`` of the history before it (item_seq[:, :-1]), in inference mode. Each timed call
+    takes one more item on the same state: the state has a fixed size (the filter's history is a ring of
+    max_len inputs), so every step costs the same whatever the number of items before it."""
+    model.eval()
+    with torch.inference_mode():
+        _, state = model.prefill(item_seq[:, :-1], lengths - 1)
+    items = item_seq[:, -1].contiguous()
+
+    def call():
+        with torch.inference_mode():
+            return model.step(state, items)[0]
 
     return call
 

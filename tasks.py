@@ -141,17 +141,15 @@ def cmd_build_mamba_scan(args) -> int:
     torch_spec = os.environ.get("M2REC_MAMBA_TORCH_SPEC", "torch==2.11.0")  # the GPU image's torch
     venv = ROOT / ".mamba-torch"  # kept apart from .mamba-build/, which is carried whole
     py = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    where = ["-c", "import os, torch; print(torch.__version__); print(os.path.dirname(torch.__file__))"]
+    probe_code = ["-c", "import packaging, setuptools, wheel, torch; print(torch.__version__)"]
     if not py.exists():
         run([sys.executable, "-m", "venv", venv])
-    probe = subprocess.run([py, *where], capture_output=True, text=True)
+    probe = subprocess.run([py, *probe_code], capture_output=True, text=True)
     if probe.returncode != 0 or not probe.stdout.startswith(torch_spec.split("==")[-1]):
         log(f"installing {torch_spec} into {venv} (the headers and libraries to build against; several GB)")
-        run([py, "-m", "pip", "install", "--disable-pip-version-check", "-q", torch_spec])
-        probe = subprocess.run([py, *where], capture_output=True, text=True, check=True)
-    torch_dir = probe.stdout.split()[1]
-    return run([sys.executable, "-m", "bench.build_mamba_scan", "--out", out, "--torch-dir", torch_dir, *rest],
-               check=False)
+        # packaging/setuptools/wheel: pip runs mamba's setup.py (which imports them and torch) to download it
+        run([py, "-m", "pip", "install", "--disable-pip-version-check", "-q", torch_spec, "packaging", "setuptools", "wheel"])
+    return run([sys.executable, "-m", "bench.build_mamba_scan", "--out", out, "--python", py, *rest], check=False)
 
 
 COMMANDS = {"test": cmd_test, "bench": cmd_bench, "gpu-check": cmd_gpu_check, "build-mamba-scan": cmd_build_mamba_scan,

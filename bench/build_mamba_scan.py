@@ -185,18 +185,23 @@ def find_torch(python: Optional[str], torch_dir: Optional[str]) -> Tuple[Path, s
 
 
 def find_cuda_home(cuda_home: Optional[str]) -> Path:
-    if cuda_home:
-        home = Path(cuda_home)
-    elif os.environ.get("CUDA_HOME"):
-        home = Path(os.environ["CUDA_HOME"])
-    else:
-        nvcc = shutil.which("nvcc")
-        if nvcc is None:
-            raise SystemExit("nvcc is not on PATH; pass --cuda-home (the CUDA toolkit directory)")
-        home = Path(nvcc).resolve().parent.parent
-    if not (home / "bin" / "nvcc").exists():
-        raise SystemExit(f"no bin/nvcc under {home}")
-    return home
+    """The CUDA toolkit: the first of --cuda-home, CUDA_HOME, CUDA_PATH, the toolkit of the nvcc on PATH
+    (also through a wrapper script: nvcc's dry run names its TOP) and /usr/local/cuda that has both
+    bin/nvcc and include/cuda_runtime.h."""
+    candidates = [cuda_home, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+        dry = subprocess.run([nvcc, "--dryrun", "-c", "probe.cu"], capture_output=True, text=True)  # no file needed
+        for line in (dry.stdout + dry.stderr).splitlines():
+            if "TOP=" in line:
+                candidates.append(str(Path(line.split("TOP=", 1)[1].strip()).resolve()))
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if c and (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda_runtime.h").exists():
+            return Path(c)
+    raise SystemExit(f"no CUDA toolkit (bin/nvcc and include/cuda_runtime.h) among {[c for c in candidates if c]}; "
+                     "pass --cuda-home")
 
 
 def nvcc_version(cuda_home: Path) -> str:
@@ -207,18 +212,25 @@ def nvcc_version(cuda_home: Path) -> str:
     return "unknown"
 
 
-def unpack_mamba(src: Optional[str], work: Path) -> Path:
-    """Directory of the unpacked mamba-ssm sdist (``csrc/`` and ``mamba_ssm/`` inside)."""
+def unpack_mamba(src: Optional[str], work: Path, pip_python: str, keep_in: Path) -> Path:
+    """Directory of the unpacked mamba-ssm sdist (``csrc/`` and ``mamba_ssm/`` inside). Without ``src``,
+    the sdist kept in ``keep_in`` by an earlier build is used, else ``pip_python``'s pip downloads it (pip
+    prepares its metadata by running mamba's setup.py, which imports torch, packaging, setuptools and
+    wheel) and a copy is kept in ``keep_in``, so that a GPU machine without network can build from it."""
+    kept = sorted(keep_in.glob(f"mamba_ssm-{MAMBA_VERSION}.tar.gz"))
+    if src is None and kept:
+        src = str(kept[-1])
     if src is None:
         dl = work / "sdist"
         log(f"downloading the mamba-ssm=={MAMBA_VERSION} sdist with pip")
         env = dict(os.environ, MAMBA_SKIP_CUDA_BUILD="TRUE", MAMBA_FORCE_BUILD="TRUE")
-        rc = subprocess.call([sys.executable, "-m", "pip", "download", f"mamba-ssm=={MAMBA_VERSION}", "--no-deps",
+        rc = subprocess.call([pip_python, "-m", "pip", "download", f"mamba-ssm=={MAMBA_VERSION}", "--no-deps",
                               "--no-binary", ":all:", "--no-build-isolation", "-q", "-d", str(dl)], env=env)
         found = sorted(dl.glob("mamba_ssm-*.tar.gz")) if dl.exists() else []
         if rc != 0 or not found:
             raise SystemExit("could not download the mamba-ssm sdist; pass --mamba-src (its .tar.gz or directory)")
         src = str(found[0])
+        shutil.copy2(src, keep_in / found[0].name)
     path = Path(src).resolve()
     if path.is_dir():
         root = path
@@ -288,7 +300,7 @@ def build(args) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mamba-build-") as tmp:
         work = Path(tmp)
-        src_root = unpack_mamba(args.mamba_src, work)
+        src_root = unpack_mamba(args.mamba_src, work, args.python or sys.executable, out_dir)
         scan_src = src_root / SCAN_DIR
         build_dir = work / "build"
         build_dir.mkdir()
@@ -351,10 +363,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="directory for the archive (e.g. $OUT on the GPU machine, "
                                                 "or .mamba-build/ to carry)")
     p.add_argument("--mamba-src", help=f"mamba-ssm {MAMBA_VERSION} sdist (.tar.gz) or unpacked directory; "
-                                       "default: pip download it")
+                                       "default: the one kept in --out by an earlier build, else pip download it")
     p.add_argument("--torch-dir", help="torch package directory to build against (cross-build); default: "
                                        "the torch of --python")
-    p.add_argument("--python", help="interpreter whose torch to build against (default: this one)")
+    p.add_argument("--python", help="interpreter whose torch to build against, also used to download the sdist "
+                                    "(default: this one)")
     p.add_argument("--cuda-home", help="CUDA toolkit directory (default: CUDA_HOME, else nvcc on PATH)")
     p.add_argument("--arch", default="90", help="compute capability without the dot (default 90: H100/H200)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compiles (default: all cores)")

@@ -6,7 +6,8 @@ returns what it did. Each step is its own pytest run, bounded by a soft deadline
 tests are skipped and say why: ``M2REC_BENCH_DEADLINE`` / ``M2REC_TEST_DEADLINE``) and a hard one (the
 process group is killed 30 s later):
 
-0. ``setup``     — activate a carried mamba_ssm CUDA scan build (``bench/mamba_build.py``) if one fits;
+0. ``setup``     — activate a carried mamba_ssm CUDA scan build (``bench/mamba_build.py``) if one fits
+                   (``--build-mamba``: else build one first, into OUT, from the carried sdist);
 1. ``tests``     — correctness of every kernel, compiled, forward and backward: ``tests/test_gpu_kernels.py``
                    (every op at an odd and a benchmark-sized shape, the whole layer, mamba's carried
                    scan) and the ``*_triton`` kernel tests with their bf16/TF32 ``gpu`` tests, plus the
@@ -20,7 +21,7 @@ process group is killed 30 s later):
 Files in OUT: ``gpu-check.log`` (everything printed), ``gpu-check-summary.json`` (steps with their
 seconds and exit status, test counts, the mamba build's status, Triton compile time per kernel),
 ``gpu-tests.xml``, ``bench-gpu-results.{json,csv}`` (cumulative, rewritten after each bench step),
-``bench-gpu-plots.tar``. Triton's compilation cost is visible: every compilation is logged with its time
+``bench-gpu-plots.tar`` (and with ``--build-mamba`` the build's archive, to carry next time). Triton's compilation cost is visible: every compilation is logged with its time
 (``bench/triton_compile_log.py``), autotuning prints its choices (``TRITON_PRINT_AUTOTUNING=1``), and each
 benchmark row warms up once before it is timed.
 
@@ -52,6 +53,7 @@ DEFAULT_BUDGET_S = 360  # the worst case (a step killed at its hard deadline, th
                         # under 7 minutes with tasks.py's start-up
 HARD_GRACE_S = 30       # a step's process group is killed this long after its soft deadline
 FINAL_RESERVE_S = 25    # kept for the last results and the plots
+MAMBA_BUILD_LIMIT_S = 240  # --build-mamba: an estimated 1.5 min on 16 cores (bench/build_mamba_scan.py)
 TEST_SHARE = 0.35       # the tests step may use this share of the budget
 HEADLINE_SHARE = 0.35   # and the headline rows this share (both end earlier when they finish)
 TEST_FILES = ("tests/test_gpu_kernels.py", "tests/test_*_triton.py", "tests/test_backend_equivalence.py")
@@ -83,8 +85,8 @@ def xdist_workers() -> int:
 class Check:
     """One gpu-check run: the clock, the log, the summary, and a bounded subprocess runner."""
 
-    def __init__(self, out: Path, budget_s: float, stub: bool):
-        self.out, self.budget_s, self.stub = out, budget_s, stub
+    def __init__(self, out: Path, budget_s: float, stub: bool, build_mamba: bool = False):
+        self.out, self.budget_s, self.stub, self.build_mamba = out, budget_s, stub, build_mamba
         self.t0 = time.time()
         self.work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
         self.log_fh = open(out / "gpu-check.log", "a", buffering=1)
@@ -180,9 +182,20 @@ class Check:
 
     # ----- the steps -----------------------------------------------------------------------------
     def setup(self) -> Dict:
-        from .mamba_build import activate
+        from .mamba_build import DEFAULT_DIR, activate
 
         status = activate(self.work / "mamba-build")
+        if not status["active"] and self.build_mamba and not self.stub:
+            # build it here (nvcc and the image's torch are on the machine), into OUT so that it comes back
+            # to be carried next time; from the sdist carried in .mamba-build/ (no network here)
+            sdists = sorted(DEFAULT_DIR.glob("mamba_ssm-*.tar.gz"))
+            cmd = [sys.executable, "-m", "bench.build_mamba_scan", "--out", str(self.out)]
+            cmd += ["--mamba-src", str(sdists[-1])] if sdists else []
+            self.log(f"building mamba_ssm's CUDA scan here (--build-mamba): {status['reason']}")
+            rc = self.run_bounded(cmd, self.base_env(), time.time() + MAMBA_BUILD_LIMIT_S)
+            status = activate(self.work / "mamba-build", explicit=str(self.out)) if rc == 0 else dict(
+                status, reason=f"{status['reason']}; building it here failed (exit {rc}, see the log)")
+            status["built_here"] = rc == 0
         self.summary["mamba_build"] = status
         if status["active"]:
             from m2rec.mamba_ssm_compat import import_mamba_ssm
@@ -299,20 +312,27 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("M2REC_GPU_CHECK_BUDGET_S", DEFAULT_BUDGET_S)),
                    help=f"seconds for the whole run (default {DEFAULT_BUDGET_S})")
     p.add_argument("--stub", action="store_true", help="no GPU work: time the orchestration's own overheads")
+    p.add_argument("--build-mamba", action="store_true",
+                   help="without a fitting carried mamba_ssm build, build one here first (into OUT, to carry next "
+                        "time); its minutes come out of the budget")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     stub = stub_mode(args.stub)
+    try:
+        import torch
+    except ImportError as exc:
+        print(f"gpu-check: {sys.executable} cannot import torch ({exc}); run it with the Python that has torch, "
+              "triton, pytest, pytest-benchmark and matplotlib (tasks.py: M2REC_PYTHON)", file=sys.stderr)
+        return 2
     if stub:  # the GPU grid and file names, without a GPU (bench/grids.py)
         os.environ["M2REC_BENCH_GRID"] = "gpu"
     else:
-        import torch
-
         if not torch.cuda.is_available():
             print("gpu-check: this Python sees no CUDA device; run it on a GPU machine, or with --stub to time "
                   "its orchestration here", file=sys.stderr)
             return 2
-    check = Check(out, args.budget_s, stub)
+    check = Check(out, args.budget_s, stub, args.build_mamba)
     check.log(f"gpu-check into {out}; budget {args.budget_s:.0f} s{' (stub: no GPU work)' if stub else ''}")
     check.step("setup", check.setup)
     check.step("tests", check.tests)

@@ -27,7 +27,7 @@ import torch
 
 from m2rec_kernels.freq_filter import causal_n_fft, causal_weight
 
-from .availability import mamba_cuda_scan, mamba_reference_scan, triton_not_run_reason
+from .availability import budget_not_run_reason, mamba_cuda_scan, mamba_reference_scan, triton_not_run_reason
 from .grids import smoke_mode
 from .memory_probe import cuda_peak_mb
 from .model_rows import CUDA_MEM_METHOD
@@ -183,6 +183,8 @@ SLOW_REF_BACKWARD = ("mamba_ssm's selective_scan_ref backward is quadratic in L 
 
 
 def _unavailable(op, backend, pass_, device):
+    if budget_not_run_reason() is not None:
+        return budget_not_run_reason()
     if backend == "mamba_ssm_ref" and pass_ == "forward_backward" and device.type == "cpu" and not smoke_mode():
         return SLOW_REF_BACKWARD
     if backend in ("triton", "triton-dft"):

@@ -15,9 +15,11 @@ from m2rec_kernels._backend import resolve_backend
 from .grids import D_MODEL, D_STATE, TEXT_DIM
 
 #: (model name, backend label) of every model-level row. The label is what the plots show: M2Rec on
-#: either kernel backend; Mamba4Rec on whatever Mamba it resolves to (recorded in ``impl``); SASRec on SDPA.
-MODEL_CASES = (("m2rec", "triton"), ("m2rec", "torch"), ("mamba4rec", "auto"), ("sasrec", "sdpa"))
-#: the streaming rows: M2Rec on each of its backends
+#: either kernel backend; Mamba4Rec on whatever Mamba it resolves to (recorded in ``impl``); SASRec on SDPA;
+#: "M2Rec, unfused" (``bench/unfused_m2rec.py``) on mamba_ssm's Mamba, labelled by the scan it ran.
+MODEL_CASES = (("m2rec", "triton"), ("m2rec", "torch"), ("mamba4rec", "auto"), ("sasrec", "sdpa"),
+               ("m2rec_unfused", "mamba_ssm"))
+#: the streaming rows: M2Rec on each of its kernel backends
 STREAM_CASES = tuple(case for case in MODEL_CASES if case[0] == "m2rec")
 
 
@@ -49,11 +51,21 @@ def build_bench_model(name: str, backend: str, n_items: int, max_len: int,
             label = "mixer-" + resolve_backend("auto", "selective_scan", model.item_embedding.weight)
         notes = {"impl": f"Mamba4Rec, 1 layer, d_state {D_STATE}, Mamba = {model.mamba_impl} ({label})",
                  "backend_label": label}
+    elif name == "m2rec_unfused":
+        from .unfused_m2rec import UnfusedM2Rec, mamba_scan_label
+
+        label, how = mamba_scan_label(device)
+        if label is None:
+            raise RuntimeError(f"M2Rec unfused cannot run on {device.type}: {how}")
+        model = UnfusedM2Rec(n_items, d_model=D_MODEL, n_layers=1, max_len=max_len, d_state=D_STATE,
+                             text_embeddings=random_text_table(n_items))
+        notes = {"impl": f"M2Rec unfused (the paper's build): {how}; torch.fft filter; gate, residual, "
+                         f"LayerNorm as torch ops; 1 layer, d_state {D_STATE}, causal filter", "backend_label": label}
     elif name == "sasrec":
         model = build_model("sasrec", n_items, d_model=D_MODEL, max_len=max_len)
         notes = {"impl": "SASRec, 2 layers, 2 heads, F.scaled_dot_product_attention"}
     else:
-        raise ValueError(f"unknown benchmark model {name!r}; expected one of m2rec, mamba4rec, sasrec")
+        raise ValueError(f"unknown benchmark model {name!r}; expected one of m2rec, mamba4rec, sasrec, m2rec_unfused")
     return model.to(device), notes
 
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import LAYER_NORM_EPS, FeedForward, MambaMixer
-from ..mamba_ssm_compat import import_mamba_ssm
+from ..mamba_ssm_compat import import_mamba_ssm, tie_mamba_ssm
 from .base import SequentialRecommender, check_dropout, init_recbole_weights
 
 MAMBA_IMPLS = ("auto", "mamba_ssm", "mixer")
@@ -57,16 +57,9 @@ class Mamba4RecLayer(nn.Module):
         mamba_ssm, how = import_mamba_ssm()
         if mamba_ssm is None:
             raise RuntimeError(f"Mamba4Rec: impl='mamba_ssm' but mamba_ssm is not importable: {how}")
-        if self._real is None:
-            mix = self.mamba
-            with torch.random.fork_rng(devices=[]):  # its own random init is discarded: keep the RNG stream
-                real = mamba_ssm.Mamba(mix.d_model, d_state=mix.d_state, d_conv=mix.d_conv, expand=mix.expand,
-                                       dt_rank=mix.dt_rank)
-            object.__setattr__(self, "_real", real)  # not a submodule: its parameters are self.mamba's
         # (Re-)tie on every use, so a conversion that replaced the Parameter objects cannot untie them.
-        for name, p in self.mamba.named_parameters():
-            owner, _, attr = name.rpartition(".")
-            setattr(self._real.get_submodule(owner) if owner else self._real, attr, p)
+        # Not a submodule: its parameters are self.mamba's.
+        object.__setattr__(self, "_real", tie_mamba_ssm(self.mamba, self._real))
         return self._real
 
     def _mamba(self, h: torch.Tensor) -> torch.Tensor:

@@ -198,6 +198,44 @@ def test_sequences_are_chronological_with_ties_in_row_order_and_ids_remapped():
     assert data.n_items == 5 and data.item_texts == [""] * 6
 
 
+# Ids that tie under a numeric-only key ("7", "07", "007"), non-ASCII digits that pass str.isdigit
+# but not int() ("²") or that int() reads as numbers ("٣" = 3), and plain text, upper before lower case.
+AWKWARD_IDS = ["007", "b", "10", "²", "7", "B", "010", "٣", "07", "8", "a"]
+AWKWARD_ORDER = ["007", "07", "7", "8", "010", "10", "B", "a", "b", "²", "٣"]
+
+
+def _awkward_inter(path: Path, ids=AWKWARD_IDS) -> Path:
+    """Each id is both a user (3 items) and an item (3 users), so nothing is filtered."""
+    n = len(ids)
+    rows = [f"{ids[u]}\t{ids[(u + s) % n]}\t1\t{s}\n" for u in range(n) for s in range(3)]
+    return write(path, INTER_HEADER + "".join(rows))
+
+
+def test_id_numbering_is_a_total_order_of_the_ids_text(tmp_path):
+    data = build_sequences(read_atomic(_awkward_inter(tmp_path / "ids.inter")), k_core=1)
+    assert data.item_ids == ["[PAD]"] + AWKWARD_ORDER
+    assert data.user_ids == AWKWARD_ORDER
+
+
+def test_id_numbering_does_not_depend_on_the_hash_seed(tmp_path):
+    """Set iteration order follows PYTHONHASHSEED; the numbering must not (ties such as "7"/"07" once
+    left it to the set)."""
+    import os
+    import subprocess
+    import sys
+    inter = _awkward_inter(tmp_path / "ids.inter", [i for i in AWKWARD_IDS if i.isascii()])
+    code = ("import json, sys; from m2rec.data import build_sequences, read_atomic; "
+            "d = build_sequences(read_atomic(sys.argv[1]), k_core=1); "
+            "print(json.dumps([d.item_ids, d.user_ids, d.sequences]))")
+    outs = set()
+    for seed in ("1", "3"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        proc = subprocess.run([sys.executable, "-c", code, str(inter)], env=env, capture_output=True,
+                              text=True, check=True)
+        outs.add(proc.stdout)
+    assert len(outs) == 1, "the numbering changed with PYTHONHASHSEED"
+
+
 def test_leave_one_out_split():
     raw = RawInteractions("t", "t", ["a"] * 5 + ["b"] * 3 + ["c"] * 2, list("12345") + list("321") + list("12"),
                           list(range(10)))

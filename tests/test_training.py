@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _tolerance import assert_close
 from m2rec.checkpoint import check_same_data, load_checkpoint
 from m2rec.cli import main
 from m2rec.data import build_sequences, load_dataset, make_synthetic
@@ -208,7 +209,7 @@ def test_checkpoint_runs_on_any_backend_and_evaluate_checks_it(tmp_path, tiny_di
     torch_model, _ = load_checkpoint(result.checkpoint, backend="torch")
     triton_model, _ = load_checkpoint(result.checkpoint, backend="triton")  # interpreter (conftest)
     items, lengths = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]]), torch.tensor([3, 4])
-    torch.testing.assert_close(triton_model.scores(items, lengths), torch_model.scores(items, lengths),
+    assert_close(triton_model.scores(items, lengths), torch_model.scores(items, lengths),
                                rtol=1e-4, atol=1e-4)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert main(["evaluate", str(result.checkpoint), "--backend", "triton"]) == 2

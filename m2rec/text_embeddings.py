@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -110,6 +111,18 @@ def cache_path(dataset_name: str, texts: Sequence[str], model_dir: Optional[Path
     return cache_dir / f"text-emb__{safe_dataset}__{name}-{fingerprint}__{texts_hash(texts)}.pt"
 
 
+def _read_cached_table(path: Path) -> Optional[torch.Tensor]:
+    """The cached table, or None when the file is not a readable 2-D tensor (it is then recomputed
+    and replaced)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            table = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return table if isinstance(table, torch.Tensor) and table.dim() == 2 else None
+
+
 def item_text_table(dataset_name: str, item_texts: Sequence[str], model_dir: Optional[PathLike] = None,
                     cache_dir: Optional[PathLike] = None, batch_size: int = 64,
                     device: Union[str, torch.device] = "cpu", progress: bool = True,
@@ -123,11 +136,12 @@ def item_text_table(dataset_name: str, item_texts: Sequence[str], model_dir: Opt
                          f"train without the semantic branch (--no-text)")
     path = cache_path(dataset_name, item_texts, model_dir, cache_dir)
     if path.is_file() and not recompute:
-        table = torch.load(path, map_location="cpu", weights_only=True)
-        if table.shape[0] != len(item_texts):
-            raise ValueError(f"{path}: cached table has {table.shape[0]} rows, expected "
-                             f"{len(item_texts)}; delete it or pass recompute=True")
-        return table, path, True
+        table = _read_cached_table(path)
+        if table is not None:
+            if table.shape[0] != len(item_texts):
+                raise ValueError(f"{path}: cached table has {table.shape[0]} rows, expected "
+                                 f"{len(item_texts)}; delete it or pass recompute=True")
+            return table, path, True
     table = encode_texts(item_texts, model_dir, batch_size=batch_size, device=device, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch_save_atomic(table, path)  # a concurrent reader never sees half a file

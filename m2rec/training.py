@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -178,9 +179,11 @@ def load_text_table(path: str, n_items: int) -> torch.Tensor:
     if not Path(path).is_file():
         raise FileNotFoundError(f"--text-embeddings {path}: no such file")
     try:
-        table = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--text-embeddings {path}: not a saved tensor ({type(e).__name__}: {e})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            table = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's message would suggest weights_only=False: never offered
+        raise ValueError(f"--text-embeddings {path}: not a tensor saved with torch.save ({type(e).__name__})") from None
     if not isinstance(table, torch.Tensor) or table.dim() != 2 or not table.dtype.is_floating_point:
         raise ValueError(f"--text-embeddings {path}: expected a 2-D float tensor (n_items + 1, d)")
     if table.shape[0] != n_items + 1:

@@ -193,6 +193,14 @@ def test_damaged_checkpoints_are_one_line(kind, fragment, capsys, tmp_path, chec
     assert_one_line(err, str(path), fragment)
 
 
+def test_unreadable_text_embedding_file_is_one_line(capsys, tmp_path):
+    bad = tmp_path / "table.pt"
+    bad.write_bytes(b"not a tensor" * 100)
+    rc, err = run_cli(["train", "--data", "synthetic", "--text-embeddings", bad, "--out", tmp_path / "run"], capsys)
+    assert rc == 2
+    assert_one_line(err, f"--text-embeddings {bad}: not a tensor saved with torch.save")
+
+
 # ------------------------------------------------------------------------------------------------
 # where the training data are: recorded as an absolute path, checked by fingerprint
 

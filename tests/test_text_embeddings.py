@@ -78,3 +78,12 @@ def test_default_cache_folder_is_per_user_not_per_working_directory(monkeypatch,
     assert default_cache_dir() == tmp_path / "xdg" / "m2rec"
     monkeypatch.setenv("M2REC_CACHE_DIR", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine"
+
+
+def test_an_unreadable_cache_file_is_recomputed(table_and_cache, tmp_path):
+    table, path, _, _ = table_and_cache
+    copy = tmp_path / path.name
+    copy.write_bytes(b"\x00garbage" * 50)  # e.g. written by a version without atomic saves
+    again, path2, hit = item_text_table("toy", TEXTS, cache_dir=tmp_path, progress=False, batch_size=2)
+    assert not hit and path2 == copy and torch.equal(again, table)
+    assert torch.equal(torch.load(copy, weights_only=True), table)  # and replaced

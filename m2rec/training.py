@@ -115,9 +115,10 @@ class TrainConfig:
             with torch.device("meta"):
                 build_model(self.model, 1, **kwargs)
         except ValueError as e:
+            shown = {k: "default" if v is None else v for k, v in (("n_layers", self.n_layers),
+                                                                    ("dropout", self.dropout))}
             raise ValueError(f"--model {self.model} with --d-model {self.d_model}, --n-layers "
-                             f"{self.n_layers or 'default'}, --dropout {self.dropout if self.dropout is not None else 'default'}: "
-                             f"{e}") from None
+                             f"{shown['n_layers']}, --dropout {shown['dropout']}: {e}") from None
 
 
 @dataclass

@@ -3,7 +3,7 @@
 
 Errors are one line on stderr, ``m2rec <command>: error: <what and why>``, never a traceback
 (``M2REC_DEBUG=1`` shows it): exit code 2 for bad input (options, files, data, checkpoints) and for a
-run that diverged, 130 after Ctrl-C, 141 (as for a process killed by SIGPIPE) when stdout is a pipe
+run that diverged, 130 after Ctrl-C or SIGTERM, 141 (as for a process killed by SIGPIPE) when stdout is a pipe
 that was closed early (``m2rec evaluate ... | head``), with nothing printed.
 """
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -226,9 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate_like_ctrl_c(signum, frame) -> None:
+    """SIGTERM (``kill``, ``timeout``, a job scheduler) ends a run the way Ctrl-C does: the run folder
+    gets its summary and the one line says which checkpoint was kept."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .training import TrainingDiverged
     args = build_parser().parse_args(argv)
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
     try:
         return args.func(args)
     except (ValueError, OSError, ImportError, TrainingDiverged) as e:
@@ -242,6 +253,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt as e:  # training says where its best checkpoint is
         print(f"m2rec {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
+    finally:
+        if previous_sigterm is not None:  # main() may be called from Python: leave no handler behind
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 def _quiet_broken_pipe() -> int:

@@ -262,7 +262,8 @@ def test_divergence_is_one_line_naming_the_epoch(capsys, tmp_path):
     assert summary["stopped"] == "diverged" and summary["checkpoint"] is None
 
 
-def test_ctrl_c_says_where_the_best_checkpoint_is(tmp_path, tiny_data):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_says_where_the_best_checkpoint_is(signum, tmp_path, tiny_data):
     out = tmp_path / "run"
     proc = m2rec_subprocess(["train", "--model", "sasrec", "--data", tiny_data, "--epochs", "1000", "--patience",
                              "1000", "--max-len", "20", "--out", out, "--threads", "1", "--no-progress"],
@@ -273,7 +274,7 @@ def test_ctrl_c_says_where_the_best_checkpoint_is(tmp_path, tiny_data):
                 break
         else:
             pytest.fail(f"training ended before it could be interrupted: {proc.stderr.read()}")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()

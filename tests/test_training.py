@@ -172,7 +172,7 @@ def test_quality_report_encodes_item_texts_for_m2rec_only(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(pytest.skip.Exception):
         main(["quality-report", "--data", "synthetic", "--only", "m2rec-no-semantic", "m2rec"])
-    assert calls[0][:3] == ["embed-items", "--data", "synthetic"]
+    assert calls[0][:3] == ["embed-items", "--data", "synthetic"] and calls[0][-2:] == ["--threads", "1"]
     calls.clear()
     with pytest.raises(pytest.skip.Exception):
         main(["quality-report", "--data", "synthetic", "--only", "m2rec-no-semantic", "mamba4rec"])

@@ -40,6 +40,13 @@ def pytest_runtest_setup(item):
         pytest.skip("gpu-check: the correctness step's time budget was spent before this test")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _text_embedding_cache(tmp_path_factory):
+    """Tests never write into the user's own cache folder (~/.cache/m2rec); subprocesses inherit it."""
+    if not os.environ.get("M2REC_CACHE_DIR"):
+        os.environ["M2REC_CACHE_DIR"] = str(tmp_path_factory.mktemp("m2rec-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,6 +13,8 @@ L 37 (two tiles, masked edges), d 48, K < L, L not a power of two.
 import pytest
 import torch
 
+from _tolerance import assert_close
+
 from m2rec_kernels import causal_filter, fft_filter
 from m2rec_kernels._backend import triton_interpreter_enabled
 from m2rec_kernels.freq_filter import causal_filter_reference, causal_n_fft, fft_filter_reference, paths
@@ -205,7 +207,7 @@ def test_fft_filter_direct_path_dc_and_nyquist_imaginary_parts(device, needs_tri
     w2 = w.detach().clone()
     w2[0] += 5j
     w2[-1] -= 3j
-    torch.testing.assert_close(fft_filter(x, w2, n_fft, backend="triton"), y, rtol=1e-5, atol=1e-5)
+    assert_close(fft_filter(x, w2, n_fft, backend="triton"), y, rtol=1e-5, atol=1e-5)
     assert torch.equal(dw.imag[0], torch.zeros_like(dw.imag[0]))
     assert torch.equal(dw.imag[-1], torch.zeros_like(dw.imag[-1]))
 
@@ -221,7 +223,7 @@ def test_causal_filter_torch_path_matches_reference(device, B, L, d, K):
     fast32 = _grads(lambda a, b: causal_filter(a, b, backend="torch"), _leaf(x), _leaf(k), g)
     for a64, a32, e in zip(fast64, fast32, exact):
         assert a32.dtype == torch.float32 and a64.dtype == torch.float64 and a32.shape == e.shape
-        torch.testing.assert_close(a64, e, rtol=1e-10, atol=1e-10)
+        assert_close(a64, e, rtol=1e-10, atol=1e-10)
         _assert_close_scaled(a32, e)
 
 

@@ -3,6 +3,8 @@ equals scoring the full forward at lengths - 1 — for every model, ablation, de
 import pytest
 import torch
 
+from _tolerance import assert_close
+
 import m2rec.layers.mamba_mixer as mamba_mixer_module
 from m2rec.layers import FrequencyFilter, M2RecLayer
 from m2rec.mamba_ssm_compat import import_mamba_ssm
@@ -67,14 +69,14 @@ def test_scores_equal_the_full_forward_at_the_last_position(name, n_layers):
         got = model.scores(seq, lengths)
         want = full_forward_scores(model, seq, lengths)
     assert got.dtype == torch.float64 and got.shape == (5, N_ITEMS + 1)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert_close(got, want, rtol=1e-9, atol=1e-9)
     # in float32 too, within fp32 rounding of values of this size (the filter is a dot product here,
     # a transform there)
     model.float()
     with torch.no_grad():
         got, want = model.scores(seq, lengths), full_forward_scores(model, seq, lengths)
     scale = want[:, 1:].abs().max()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(scale))
+    assert_close(got, want, rtol=1e-5, atol=1e-5 * float(scale))
 
 
 def test_scores_run_in_eval_mode_and_restore_the_mode():
@@ -84,10 +86,10 @@ def test_scores_run_in_eval_mode_and_restore_the_mode():
     seq, lengths = batch(8, [8, 3])
     with torch.no_grad():
         a, b = model.scores(seq, lengths), model.scores(seq, lengths)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)  # no dropout
+    assert_close(a, b, rtol=0, atol=0)  # no dropout
     assert model.training and model.layers[1].ffn.training and not model.layers[0].ffn.training
     with torch.no_grad():
-        torch.testing.assert_close(a, full_forward_scores(model, seq, lengths), rtol=1e-5, atol=1e-5)
+        assert_close(a, full_forward_scores(model, seq, lengths), rtol=1e-5, atol=1e-5)
 
 
 def test_scores_keep_gradients_when_asked():
@@ -124,8 +126,8 @@ def test_triton_backend_under_the_interpreter(device):
         with torch.no_grad():
             got, want = model.scores(seq, lengths), full_forward_scores(model, seq, lengths)
             tol = dict(rtol=1e-4, atol=1e-4 * float(want[:, 1:].abs().max()))
-            torch.testing.assert_close(got, want, **tol)
-            torch.testing.assert_close(got, model_torch.scores(seq, lengths), **tol)
+            assert_close(got, want, **tol)
+            assert_close(got, model_torch.scores(seq, lengths), **tol)
 
 
 @pytest.mark.skipif(import_mamba_ssm()[0] is None, reason="mamba_ssm not importable")
@@ -134,7 +136,7 @@ def test_mamba4rec_with_the_real_mamba_falls_back_to_its_full_forward():
     assert model.mamba_impl == "mamba_ssm"
     seq, lengths = batch(9, [9, 4, 1])
     with torch.no_grad():
-        torch.testing.assert_close(model.scores(seq, lengths), full_forward_scores(model, seq, lengths),
+        assert_close(model.scores(seq, lengths), full_forward_scores(model, seq, lengths),
                                    rtol=1e-5, atol=1e-5)
 
 

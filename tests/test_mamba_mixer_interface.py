@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _tolerance import assert_close
+
 import m2rec
 from m2rec.layers import MambaMixer
 from m2rec.mamba_ssm_compat import import_mamba_ssm
@@ -137,13 +139,13 @@ def test_inside_mixer_model_same_parameters_outputs_and_gradients(monkeypatch, s
     ours.load_state_dict(real.state_dict())
     ids = torch.randint(0, 40, (3, 13))
     y_real, y_ours = real(ids), ours(ids)
-    torch.testing.assert_close(y_ours, y_real, rtol=2e-5, atol=2e-5)
+    assert_close(y_ours, y_real, rtol=2e-5, atol=2e-5)
     g = torch.randn_like(y_real)
     y_real.backward(g)
     y_ours.backward(g)
     ours_params = dict(ours.named_parameters())
     for name, p in real.named_parameters():
-        torch.testing.assert_close(ours_params[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+        assert_close(ours_params[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @needs_mamba_ssm
@@ -157,7 +159,7 @@ def test_block_with_mixer_cls_partial():
     real.load_state_dict(block.state_dict())
     h, r = torch.randn(2, 9, 12), torch.randn(2, 9, 12)
     for a, b in zip(block(h, r), real(h, r)):
-        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+        assert_close(a, b, rtol=2e-5, atol=2e-5)
 
 
 def _decode(model, ids, prompt):
@@ -186,11 +188,11 @@ def test_step_by_step_through_inference_params(monkeypatch, reference_path, back
         for prompt in prompts:
             got, params = _decode(ours, ids, prompt)
             want, real_params = _decode(real, ids, prompt)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-5)
+            assert_close(got, want, rtol=1e-4, atol=1e-5)
+            assert_close(got, full, rtol=1e-4, atol=1e-5)
             for i in (0, 1):  # the cached states themselves agree with mamba_ssm's
                 for a, b in zip(params.key_value_memory_dict[i], real_params.key_value_memory_dict[i]):
-                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+                    assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 class _NoOpEvent:
@@ -218,7 +220,7 @@ def test_generate_with_mamba_lm_head_model(monkeypatch, reference_path):
     b = ours.generate(ids, max_length=12, top_k=1, output_scores=True, return_dict_in_generate=True)
     assert torch.equal(a.sequences, b.sequences)
     for sa, sb in zip(a.scores, b.scores):
-        torch.testing.assert_close(sb, sa, rtol=1e-4, atol=1e-5)
+        assert_close(sb, sa, rtol=1e-4, atol=1e-5)
 
 
 @needs_mamba_ssm
@@ -240,9 +242,9 @@ def test_allocate_inference_cache_and_step_match_mamba(reference_path):
             out, conv2, ssm2 = mixer.step(h, conv, ssm)
             assert conv2 is conv and ssm2 is ssm  # in place, returned as mamba_ssm does
             out_r, _, _ = real.step(h, conv_r, ssm_r)
-            torch.testing.assert_close(out, out_r, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(conv, conv_r)
-            torch.testing.assert_close(ssm, ssm_r, rtol=1e-5, atol=1e-6)
+            assert_close(out, out_r, rtol=1e-5, atol=1e-6)
+            assert_close(conv, conv_r)
+            assert_close(ssm, ssm_r, rtol=1e-5, atol=1e-6)
 
 
 class _Params:
@@ -277,18 +279,18 @@ def test_forward_last_and_prefill_states_per_sequence(backend, device):
     with torch.no_grad():
         full = mixer(h)
         rows = torch.arange(3, device=device)
-        torch.testing.assert_close(mixer.forward_last(h, lengths), full[rows, lengths - 1], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(mixer.forward_last(h), full[:, -1], rtol=1e-5, atol=1e-6)
+        assert_close(mixer.forward_last(h, lengths), full[rows, lengths - 1], rtol=1e-5, atol=1e-6)
+        assert_close(mixer.forward_last(h), full[:, -1], rtol=1e-5, atol=1e-6)
         out, conv, ssm = mixer.prefill(h, lengths)
         valid = torch.arange(7, device=device)[None, :] < lengths[:, None]
-        torch.testing.assert_close(out[valid], full[valid])  # positions >= length are padding
+        assert_close(out[valid], full[valid])  # positions >= length are padding
         # continuing each sequence with step equals running it whole
         nxt = torch.randn(3, 1, 10, device=device)
         stepped = mixer.step(nxt, conv, ssm)[0][:, 0]
         for b in range(3):
             n = int(lengths[b])
             whole = mixer(torch.cat([h[b:b + 1, :n], nxt[b:b + 1]], 1))[0, -1]
-            torch.testing.assert_close(stepped[b], whole, rtol=1e-5, atol=1e-6)
+            assert_close(stepped[b], whole, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="lengths"):
         mixer.forward_last(h, torch.tensor([7, 0, 5], device=device))
     with pytest.raises(ValueError, match="lengths"):

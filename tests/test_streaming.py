@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from _tolerance import assert_close
+
 from m2rec.mamba_ssm_compat import import_mamba_ssm
 from m2rec.models import M2Rec, Mamba4Rec, SASRec
 from m2rec.models.streaming import StreamState
@@ -66,7 +68,7 @@ def assert_scores_close(got, want, tol):
     assert torch.equal(got.isnan(), want.isnan())
     ok = ~want.isnan()
     scale = float(want[ok][want[ok].isfinite()].abs().max()) if ok.any() else 1.0
-    torch.testing.assert_close(got[ok], want[ok], rtol=tol, atol=tol * scale)
+    assert_close(got[ok], want[ok], rtol=tol, atol=tol * scale)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

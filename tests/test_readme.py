@@ -35,7 +35,7 @@ def test_python_snippet_runs_as_printed(index):
     namespace = {"__name__": "__readme__"}
     exec(compile(python_snippets()[index], f"README.md python snippet {index}", "exec"), namespace)
     model = namespace.get("model")
-    if model is not None and "scores" in namespace:
+    if model is not None and all(name in namespace for name in ("scores", "items", "lengths")):
         # scores are documented as deterministic: the model must be in eval mode when it scores
         assert not model.training
         with torch.no_grad():

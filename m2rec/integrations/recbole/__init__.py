@@ -23,9 +23,11 @@ if int(_np.__version__.split(".")[0]) >= 2:
         f"m2rec.integrations.recbole: RecBole 1.2.1 needs NumPy < 2 (its Config uses np.float_, removed in "
         f"NumPy 2), but NumPy {_np.__version__} is installed; pip install 'm2rec[recbole]' installs a "
         f"compatible set (see the README, 'M2Rec in RecBole')")
-try:
-    import recbole as _recbole
-    from recbole.config import Config as _Config  # noqa: F401  (imports RecBole's runtime dependencies)
+try:  # everything the integration uses, so a missing runtime dependency is named here
+    import recbole.config  # noqa: F401
+    import recbole.data  # noqa: F401
+    import recbole.model.abstract_recommender  # noqa: F401
+    import recbole.trainer  # noqa: F401
 except ImportError as e:
     raise ImportError(
         f"m2rec.integrations.recbole needs RecBole 1.2.x and its runtime dependencies ({e}): "

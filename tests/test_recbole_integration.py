@@ -20,7 +20,6 @@ except ImportError as e:
     pytest.skip(f"RecBole integration not installed: {e}", allow_module_level=True)
 
 from recbole.data import create_dataset, data_preparation  # noqa: E402
-from recbole.trainer import Trainer  # noqa: E402
 
 from m2rec.data import DataFormatError, SequenceData, load_dataset  # noqa: E402
 from m2rec.evaluation import evaluate  # noqa: E402
@@ -83,13 +82,9 @@ def run(tmp_path_factory):
         mp.setattr(sys, "argv", sys.argv[:1])  # RecBole's Config reads --key=value options from sys.argv
         mp.chdir(root)  # the Trainer writes log_tensorboard/ into the working directory
         config = make_config(root)
-        dataset = create_dataset(config)
-        train_data, valid_data, test_data = data_preparation(config, dataset)
-        model = rb.M2Rec(config, train_data.dataset)
-        trainer = Trainer(config, model)
-        best_score, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
-        yield dict(root=root, config=config, dataset=dataset, train_data=train_data, test_data=test_data,
-                   model=model, trainer=trainer, best_score=best_score, mp=mp)
+        # Config, create_dataset, data_preparation, Trainer.fit, reload of the best checkpoint, test
+        result = rb.run(config, log_to_file=False)
+        yield dict(result, root=root, config=config, mp=mp)
 
 
 def test_batches_are_right_padded_and_ids_include_padding(run):
@@ -157,9 +152,9 @@ def in_recbole_ids(ours: SequenceData, dataset) -> SequenceData:
 
 def test_recbole_metrics_equal_m2rec_evaluation_on_the_same_checkpoint(run):
     trainer, model, dataset = run["trainer"], run["model"], run["dataset"]
-    assert os.path.isfile(trainer.saved_model_file)
-    rb.load_trainer_checkpoint(trainer)
-    recbole = trainer.evaluate(run["test_data"], load_best_model=False)
+    assert os.path.isfile(run["checkpoint"]) and run["checkpoint"] == trainer.saved_model_file
+    recbole = run["test_result"]  # run() reloaded the best checkpoint with load_trainer_checkpoint
+    assert dict(trainer.evaluate(run["test_data"], load_best_model=False)) == recbole
     data = in_recbole_ids(load_dataset(str(run["root"] / "tiny"), k_core=5), dataset)
     ours = evaluate(model.m2rec, data, "test", max_len=MAX_LEN, ks=(10, 20))
     assert ours["n_users"] == len(run["test_data"].dataset) == N_USERS
@@ -167,7 +162,28 @@ def test_recbole_metrics_equal_m2rec_evaluation_on_the_same_checkpoint(run):
         for theirs, mine in (("hit", "hr"), ("ndcg", "ndcg"), ("mrr", "mrr")):
             assert recbole[f"{theirs}@{k}"] == pytest.approx(ours[f"{mine}@{k}"], abs=1e-12), (theirs, k)
     assert 0 < ours["hr@20"] < 1  # not a degenerate ranking
-    print(f"\nRecBole {dict(recbole)}\nm2rec   {ours}")
+    print(f"\nRecBole {recbole}\nm2rec   {ours}")
+
+
+def test_command_line_options_reach_recbole_config(run, monkeypatch, tmp_path):
+    """python -m m2rec.integrations.recbole: --config_files and --key=value go to RecBole's Config."""
+    import m2rec.integrations.recbole.pipeline as run_module
+    extra = tmp_path / "mine.yaml"
+    extra.write_text("hidden_size: 24\nn_layers: 2\n")
+    seen = {}
+
+    def fake_run(config):
+        seen["config"] = config
+        return {"best_valid_result": {}, "test_result": {}, "checkpoint": None}
+
+    monkeypatch.setattr(run_module, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["m2rec-recbole", "--dataset=tiny", f"--data_path={run['root']}",
+                                      f"--config_files={extra}", "--n_layers=3", "--filter_mode=circular"])
+    assert run_module.main() == 0
+    config = seen["config"]
+    assert config["model"] == "M2Rec" and config["dataset"] == "tiny"
+    assert config["hidden_size"] == 24 and config["n_layers"] == 3 and config["filter_mode"] == "circular"
+    assert config["d_state"] == 32 and config["loss_type"] == "CE"  # from DEFAULT_CONFIG_FILE
 
 
 def test_torch_env_switch_lets_recbole_reload_its_checkpoint(run):

@@ -5,7 +5,7 @@
     from m2rec.integrations.recbole import M2Rec, m2rec_config, load_trainer_checkpoint
 
     config = m2rec_config(dataset="ml-100k", config_dict={"epochs": 20})  # = Config(model=M2Rec, ...)
-    ...                                                                 # the rest as in run.run()
+    ...                                                                 # the rest as in pipeline.run()
 
 or ``python -m m2rec.integrations.recbole --dataset=ml-100k --epochs=20``.
 
@@ -35,7 +35,7 @@ except ImportError as e:
 
 from .item_texts import read_item_texts, recbole_item_text_table, texts_by_internal_id
 from .model import DEFAULT_CONFIG_FILE, M2Rec, default_options
-from .run import load_trainer_checkpoint, m2rec_config, run
+from .pipeline import load_trainer_checkpoint, m2rec_config, run
 
 __all__ = ["M2Rec", "DEFAULT_CONFIG_FILE", "default_options", "m2rec_config", "load_trainer_checkpoint",
            "run", "read_item_texts", "recbole_item_text_table", "texts_by_internal_id"]

@@ -1,6 +1,6 @@
-"""``python -m m2rec.integrations.recbole --dataset=ml-100k [--key=value ...]`` (see ``run.main``)."""
+"""``python -m m2rec.integrations.recbole --dataset=ml-100k [--key=value ...]`` (see ``pipeline.main``)."""
 import sys
 
-from .run import main
+from .pipeline import main
 
 sys.exit(main())

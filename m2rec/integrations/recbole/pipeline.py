@@ -44,7 +44,10 @@ def load_trainer_checkpoint(trainer: Trainer, checkpoint_file: Optional[str] = N
 
 
 def run(config: Config, log_to_file: bool = True) -> Dict[str, Any]:
-    """Train M2Rec with RecBole's ``Trainer`` and test the best checkpoint; returns the results."""
+    """Train M2Rec with RecBole's ``Trainer`` and test the best checkpoint. Returns the results
+    (``best_valid_score``, ``best_valid_result``, ``test_result``, ``checkpoint``) and the objects
+    (``dataset``, ``train_data``, ``valid_data``, ``test_data``, ``model``, ``trainer``).
+    ``log_to_file``: RecBole's ``init_logger`` (log/ under the working directory)."""
     init_seed(config["seed"], config["reproducibility"])
     if log_to_file:
         init_logger(config)
@@ -64,7 +67,9 @@ def run(config: Config, log_to_file: bool = True) -> Dict[str, Any]:
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
     return {"best_valid_score": best_valid_score, "best_valid_result": dict(best_valid_result),
-            "test_result": dict(test_result), "checkpoint": trainer.saved_model_file}
+            "test_result": dict(test_result), "checkpoint": trainer.saved_model_file,
+            "dataset": dataset, "train_data": train_data, "valid_data": valid_data, "test_data": test_data,
+            "model": model, "trainer": trainer}
 
 
 def main() -> int:

@@ -41,11 +41,13 @@ def expected_text(i: int) -> str:
 
 def write_dataset(root, name="tiny", with_item_file=True, seed=0):
     """A few dozen users and items in RecBole's atomic format: rows shuffled (the order must come from
-    the timestamps), distinct timestamps, and rare items that the 5-core filter removes."""
+    the timestamps), distinct timestamps, and rare items that the 5-core filter removes. The timestamps
+    stay below 2**24, where RecBole's float32 copy of them is exact (above, nearby times tie in RecBole
+    and keep file order, unlike m2rec's exact sort: the one protocol difference, see the README)."""
     rng = random.Random(seed)
     folder = root / name
     folder.mkdir()
-    rows, t = [], 1_000_000
+    rows, t = [], 1_000_000  # + at most ~600 * 1000 < 2**24
     for u in range(1, N_USERS + 1):
         for _ in range(rng.randint(6, 14)):
             rare = rng.random() < 0.03

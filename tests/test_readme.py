@@ -17,7 +17,10 @@ DESIGN = REPO / "docs" / "DESIGN.md"
 
 
 def python_snippets():
-    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    """Every ```python block, except one right after an HTML comment that says why it is not run here
+    (e.g. a whole training run; such a comment names the test that covers the same calls)."""
+    blocks = re.findall(r"(<!-- not run by tests[^>]*-->\n)?```python\n(.*?)```", README, flags=re.S)
+    return [code for skipped, code in blocks if not skipped]
 
 
 def command_lines():

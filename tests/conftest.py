@@ -17,6 +17,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 
 
+def pytest_report_header(config):
+    """Which selective scan backend="auto" runs on CPU tensors in this session: the compiled kernels
+    (and their ISA variant) or, when they are not built, the PyTorch reference and why."""
+    from m2rec_kernels.scan.cpu import cpu_scan_status
+
+    return f"m2rec selective scan on CPU: {cpu_scan_status().describe()}"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

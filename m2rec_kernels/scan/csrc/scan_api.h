@@ -58,8 +58,8 @@ struct KernelTable {
   // run tasks [begin, end) (see above); mode: ForwardMode
   void (*forward)(const ScanParams& p, int mode, int64_t begin, int64_t end);
   void (*backward)(const ScanParams& p, int64_t begin, int64_t end);
-  // the vectorised exp on n floats (for the accuracy test)
-  void (*exp)(const float* x, float* y, int64_t n);
+  // the vectorised exp on n floats (accuracy tests): the scan's decay path, or the general exp
+  void (*exp)(const float* x, float* y, int64_t n, bool scan_path);
 };
 
 // Defined by scan_isa.cpp, once per ISA compiled into the library.

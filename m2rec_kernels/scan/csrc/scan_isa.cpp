@@ -485,13 +485,19 @@ void backward(const ScanParams& p, int64_t begin, int64_t end) {
   }
 }
 
-void vector_exp(const float* x, float* y, int64_t n) {
+// exp on n floats, for the tests: with scan_path, the way the scan forms its decays (exp2_product(-x,
+// -log2 e) where fast_exp_ok allows it: x <= 0 for AVX2/generic, |x| < 1.4e5 for AVX-512; else the
+// clamped exp), otherwise exp() as softplus and sigmoid use it.
+void vector_exp(const float* x, float* y, int64_t n, bool scan_path) {
   FlushDenormals ftz;
   alignas(64) float tmp[W];
+  const Vec neg_log2e = Vec::bcast(-kLog2e);
   for (int64_t i = 0; i < n; i += W) {
     const int64_t m = min64(W, n - i);
     for (int l = 0; l < W; ++l) tmp[l] = l < m ? x[i + l] : 0.0f;
-    exp(Vec::load(tmp)).store(tmp);
+    Vec v = Vec::load(tmp), d = Vec::zero() - v;
+    const bool fast = scan_path && fast_exp_ok(min_lane(d), max_lane(d), -kLog2e, -kLog2e);
+    (fast ? exp2_product(d, neg_log2e) : exp(v)).store(tmp);
     for (int l = 0; l < m; ++l) y[i + l] = tmp[l];
   }
 }

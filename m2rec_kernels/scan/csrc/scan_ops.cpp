@@ -217,12 +217,12 @@ int64_t isa_width(int64_t isa) {
   return t ? t->width : 0;
 }
 
-// The kernels' exp on a float tensor (accuracy tests).
-at::Tensor vector_exp_op(const at::Tensor& x, int64_t isa) {
+// The kernels' exp on a float tensor (accuracy tests): the scan's decay path or the general exp.
+at::Tensor vector_exp_op(const at::Tensor& x, int64_t isa, bool scan_path) {
   const KernelTable* k = table(isa);
   at::Tensor xf = contig_f32(x);
   at::Tensor y = at::empty_like(xf);
-  k->exp(xf.data_ptr<float>(), y.data_ptr<float>(), xf.numel());
+  k->exp(xf.data_ptr<float>(), y.data_ptr<float>(), xf.numel(), scan_path);
   return y;
 }
 
@@ -236,7 +236,7 @@ TORCH_LIBRARY(m2rec_scan_cpu, m) {
   m.def("backward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, Tensor? lengths, bool softplus, Tensor ckpt, Tensor? dout, Tensor? dlast, "
         "int isa) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("vector_exp(Tensor x, int isa) -> Tensor");
+  m.def("vector_exp(Tensor x, int isa, bool scan_path) -> Tensor");
   m.def("isa_width(int isa) -> int", &m2rec_scan::isa_width);  // no tensor argument: catch-all
 }
 

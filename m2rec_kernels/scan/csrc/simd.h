@@ -61,24 +61,11 @@ inline Vec where_greater(Vec x, Vec t, Vec a, Vec b) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, t.v, _CMP_GT_OQ), b.v, a.v);
 }
 
-inline __m512 exp2_poly(__m512 f) {  // 2^f on [-1/2, 1/2]
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExp2C6), f, _mm512_set1_ps(kExp2C5));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C4));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C3));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C2));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C1));
-  return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-}
-
-// 2^t: k = nearest integer, f = t - k, 2^f by the polynomial, times 2^k with vscalefps, which
-// handles overflow to +inf; k <= -126 gives +0, NaN stays NaN, -inf gives 0, +inf gives +inf.
-inline Vec exp2(Vec t) {
-  __m512 x = _mm512_min_ps(_mm512_set1_ps(kExp2Hi), t.v);
-  __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 p = exp2_poly(_mm512_sub_ps(x, k));
-  // keep where NOT(k <= -126): unordered (NaN) compares true and keeps the NaN
-  __mmask16 keep = _mm512_cmp_ps_mask(k, _mm512_set1_ps(kExp2Lo), _CMP_NLE_UQ);
-  return _mm512_maskz_scalef_ps(keep, p, k);
+inline Vec round_nearest(Vec x) { return _mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// p 2^k for integer-valued k (vscalefps: overflow to +inf); k <= -126 gives +0 (the flush), NaN stays.
+inline Vec scale_pow2(Vec p, Vec k) {
+  __mmask16 keep = _mm512_cmp_ps_mask(k.v, _mm512_set1_ps(kExp2Lo), _CMP_NLE_UQ);  // unordered: keep
+  return _mm512_maskz_scalef_ps(keep, p.v, k.v);
 }
 
 // 2^(d a) for |d a| < kFastExpRange (a chunk's check, fast_exp_ok), the scan's hot exp: d a + M
@@ -187,22 +174,13 @@ inline Vec where_greater(Vec x, Vec t, Vec a, Vec b) {
   return _mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(x.v, t.v, _CMP_GT_OQ));
 }
 
-// 2^t as above; 2^k is built from its bits. The polynomial gives 2 * 2^f and the scale 2^(k-1), whose
-// biased exponent k + 126 stays in [0, 255] for k in [-126, 129]: k = -126 gives the bits of +0 (the
-// flush), k = 129 those of +inf (overflow), and p * 2^(k-1) rounds as IEEE says in between.
-inline Vec exp2(Vec t) {
-  __m256 x = _mm256_min_ps(_mm256_set1_ps(kExp2Hi), t.v);
-  x = _mm256_max_ps(_mm256_set1_ps(kExp2Lo), x);
-  __m256 k = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 f = _mm256_sub_ps(x, k);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(2 * kExp2C6), f, _mm256_set1_ps(2 * kExp2C5));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2 * kExp2C4));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2 * kExp2C3));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2 * kExp2C2));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2 * kExp2C1));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.0f));
-  __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(126)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));  // NaN t: p is NaN, so is the product
+inline Vec round_nearest(Vec x) { return _mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// p 2^k for integer-valued k in [-126, 129] (callers clamp), from the bits of 2^(k-1) = (k + 126) << 23,
+// whose biased exponent stays in [0, 255]: k = -126 gives the bits of +0 (the flush), k = 129 those of
+// +inf (overflow), and (2p) 2^(k-1) rounds as IEEE says in between. NaN p stays NaN.
+inline Vec scale_pow2(Vec p, Vec k) {
+  __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k.v), _mm256_set1_epi32(126)), 23);
+  return _mm256_mul_ps(_mm256_add_ps(p.v, p.v), _mm256_castsi256_ps(bits));
 }
 // 2^(d a) when d a <= 0 (fast_exp_ok): only the lower clamp is needed. 2^k is added to p's exponent
 // bits: for k in [-126, 0] and p in [1/sqrt 2, sqrt 2] the biased exponent stays in [0, 127];
@@ -300,23 +278,15 @@ inline Vec min_keep_nan(Vec hi, Vec x) { return x.v > hi.v ? hi.v : x.v; }
 inline Vec max_keep_nan(Vec lo, Vec x) { return x.v < lo.v ? lo.v : x.v; }
 inline Vec where_greater(Vec x, Vec t, Vec a, Vec b) { return x.v > t.v ? a.v : b.v; }
 
-inline Vec exp2(Vec t) {  // the AVX2 algorithm, rounding by the 1.5 * 2^23 trick
-  v4f x = min_keep_nan(Vec::bcast(kExp2Hi), t).v;
-  x = max_keep_nan(Vec::bcast(kExp2Lo), x).v;
+inline Vec round_nearest(Vec x) {  // ties to even by the 1.5 * 2^23 trick; exact for |x| < 2^22
   const v4f magic = Vec::bcast(12582912.0f).v;
-  v4f k = (x + magic) - magic;  // nearest integer (ties to even); exact for |x| < 2^22
-  v4f f = x - k;
-  v4f p = Vec::bcast(2 * kExp2C6).v * f + 2 * kExp2C5;
-  p = p * f + 2 * kExp2C4;
-  p = p * f + 2 * kExp2C3;
-  p = p * f + 2 * kExp2C2;
-  p = p * f + 2 * kExp2C1;
-  p = p * f + 2.0f;
-  v4i ki = __builtin_convertvector(k, v4i);  // NaN: any value, the product stays NaN
-  v4i bits = (ki + 126) << 23;
+  return (x.v + magic) - magic;
+}
+inline Vec scale_pow2(Vec p, Vec k) {  // as for AVX2
+  v4i bits = (__builtin_convertvector(k.v, v4i) + 126) << 23;
   v4f scale;
   memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return (p.v + p.v) * scale;
 }
 
 inline void frexp1(Vec x, Vec& e, Vec& m) {
@@ -372,7 +342,32 @@ inline float max_lane(Vec x) {
 
 // ---- functions built on the primitives (same code for every ISA) ----
 
-inline Vec exp(Vec x) { return exp2(x * Vec::bcast(kLog2e)); }
+inline Vec exp2_poly(Vec f) {  // 2^f on [-1/2, 1/2] (max relative error 7.9e-8)
+  Vec p = fma(Vec::bcast(kExp2C6), f, Vec::bcast(kExp2C5));
+  p = fma(p, f, Vec::bcast(kExp2C4));
+  p = fma(p, f, Vec::bcast(kExp2C3));
+  p = fma(p, f, Vec::bcast(kExp2C2));
+  p = fma(p, f, Vec::bcast(kExp2C1));
+  return fma(p, f, Vec::bcast(1.0f));
+}
+
+// 2^t for any t: clamped to [-126, 129] (NaN kept), so 2^t overflows to +inf from t = 128 on and is
+// flushed to +0 below 2^-125.5; -inf gives 0, +inf gives +inf.
+inline Vec exp2(Vec t) {
+  Vec x = max_keep_nan(Vec::bcast(kExp2Lo), min_keep_nan(Vec::bcast(kExp2Hi), t));
+  Vec k = round_nearest(x);
+  return scale_pow2(exp2_poly(x - k), k);
+}
+
+// e^x for any x (softplus, sigmoid): k = round(x log2 e), r = x - k ln 2 in two steps (Cody-Waite, exact
+// for |k| < 256), e^r = 2^(r log2 e); the error stays near one ulp for any |x|, unlike 2^(x log2 e).
+inline Vec exp(Vec x) {
+  Vec xc = max_keep_nan(Vec::bcast(kExp2Lo * kLn2Hi), min_keep_nan(Vec::bcast(kExp2Hi * kLn2Hi), x));
+  Vec k = round_nearest(xc * Vec::bcast(kLog2e));
+  Vec r = fma(k, Vec::bcast(-kLn2Hi), xc);
+  r = fma(k, Vec::bcast(-kLn2Lo), r);
+  return scale_pow2(exp2_poly(r * Vec::bcast(kLog2e)), k);
+}
 
 // log(1 + e) for e >= 0 (finite, or +inf): w = 1 + e = m * 2^k with m in [sqrt(1/2), sqrt(2)),
 // log m = 2 atanh(s), s = (m - 1)/(m + 1), |s| < 0.172 (series to s^9: truncation < 3e-9), plus the

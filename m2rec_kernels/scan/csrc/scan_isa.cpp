@@ -28,7 +28,7 @@ namespace {
 using m2rec_scan::ScanParams;
 
 constexpr int W = Vec::W;
-constexpr int kChunk = 64;  // steps per chunk: the time-major buffers stay within L1/L2
+constexpr int kChunk = 64;  // steps per chunk: the time-major buffers stay within L1/L2 (32 measured no faster)
 #if defined(M2REC_ISA_AVX512)
 constexpr int kTile = 4;    // states per register tile (32 vector registers; 8 measured no faster)
 #else
@@ -296,7 +296,7 @@ struct BwdChunk {  // time-major [t][lane] buffers of one chunk
 // One tile of NT states over one chunk: recompute the states from the checkpoint, then walk back.
 // dh: dL/dh after the chunk (in) and before it (out); dA accumulates; S1 += sum_n dH B,
 // S2 += sum_n A P (P = dH exp(dt A) h_{t-1}); y += sum_n h C (with z, for dz); dB/dC lane partials
-// go to RB/RC [j][t][lane].
+// are summed from the rings RB/RC.
 template <int NT, bool kFinite>
 inline void bwd_tile(const ScanParams& p, const Block& k, int64_t c, int64_t n0, int nv, int nt,
                      const BwdChunk& q, float* dh, float* dA, float* H, float* E, float* RB, float* RC) {
@@ -337,60 +337,66 @@ inline void bwd_tile(const ScanParams& p, const Block& k, int64_t c, int64_t n0,
     if (want_y) yv.store(q.y + t * W);
   }
 
+  // Reverse walk. dB[n, t] / dC[n, t] partials of this block are lane sums of W-lane vectors; they are
+  // kept for W steps in the rings RB/RC [j][t mod W][lane] and summed (lane_sums) when a block of W
+  // steps is complete, while still in L1.
+  float* dBp = p.dB_part + ((k.block * p.batch + k.b) * p.N + n0) * p.L + t0;
+  float* dCp = p.dC_part + ((k.block * p.batch + k.b) * p.N + n0) * p.L + t0;
+  auto flush = [&](int tb, int count) {  // steps tb .. tb+count-1 are in ring slots 0 .. count-1
+    alignas(64) float sums[W];
+    for (int j = 0; j < NT; ++j) {
+      for (int which = 0; which < 2; ++which) {
+        const float* R = (which ? RC : RB) + j * W * W;
+        float* dst = (which ? dCp : dBp) + j * p.L + tb;
+        if (count == W) {
+          lane_sums(R, sums);
+          for (int m = 0; m < W; ++m) dst[m] = sums[m];
+        } else {
+          for (int m = 0; m < count; ++m) {
+            float acc = 0.0f;
+            for (int l = 0; l < W; ++l) acc += R[m * W + l];
+            dst[m] = acc;
+          }
+        }
+      }
+    }
+  };
   Vec dhv[NT], dav[NT];
   for (int j = 0; j < NT; ++j) {
     dhv[j] = Vec::load(dh + (n0 + j) * W);
     dav[j] = Vec::load(dA + (n0 + j) * W);
   }
-  for (int t = nt - 1; t >= nv; --t) {  // identity steps: only the output term reaches h
+  for (int t = nt - 1; t >= 0; --t) {
+    const int slot = t % W;
     Vec gv = Vec::load(q.g + t * W);
-    for (int j = 0; j < NT; ++j) {
-      dhv[j] = fma(gv, Vec::bcast(Cj[j][t]), dhv[j]);
-      (Vec::load(H + ((t + 1) * NT + j) * W) * gv).store(RC + (j * kChunk + t) * W);
-      Vec::zero().store(RB + (j * kChunk + t) * W);
+    if (t >= nv) {  // identity step: only the output term reaches h
+      for (int j = 0; j < NT; ++j) {
+        dhv[j] = fma(gv, Vec::bcast(Cj[j][t]), dhv[j]);
+        (Vec::load(H + ((t + 1) * NT + j) * W) * gv).store(RC + (j * W + slot) * W);
+        Vec::zero().store(RB + (j * W + slot) * W);
+      }
+    } else {
+      Vec d = Vec::load(q.dt + t * W), du = Vec::load(q.dtu + t * W);
+      Vec s1 = Vec::load(q.S1 + t * W), s2 = Vec::load(q.S2 + t * W);
+      for (int j = 0; j < NT; ++j) {
+        Vec dH = fma(gv, Vec::bcast(Cj[j][t]), dhv[j]);  // dL/dh_t
+        (Vec::load(H + ((t + 1) * NT + j) * W) * gv).store(RC + (j * W + slot) * W);
+        (dH * du).store(RB + (j * W + slot) * W);
+        s1 = fma(dH, Vec::bcast(Bj[j][t]), s1);
+        Vec e = Vec::load(E + (t * NT + j) * W);
+        Vec P = dH * e * Vec::load(H + (t * NT + j) * W);
+        dav[j] = fma(P, d, dav[j]);
+        s2 = fma(P, ar[j], s2);
+        dhv[j] = dH * e;
+      }
+      s1.store(q.S1 + t * W);
+      s2.store(q.S2 + t * W);
     }
-  }
-  for (int t = nv - 1; t >= 0; --t) {
-    Vec gv = Vec::load(q.g + t * W), d = Vec::load(q.dt + t * W), du = Vec::load(q.dtu + t * W);
-    Vec s1 = Vec::load(q.S1 + t * W), s2 = Vec::load(q.S2 + t * W);
-    for (int j = 0; j < NT; ++j) {
-      Vec dH = fma(gv, Vec::bcast(Cj[j][t]), dhv[j]);  // dL/dh_t
-      (Vec::load(H + ((t + 1) * NT + j) * W) * gv).store(RC + (j * kChunk + t) * W);
-      (dH * du).store(RB + (j * kChunk + t) * W);
-      s1 = fma(dH, Vec::bcast(Bj[j][t]), s1);
-      Vec e = Vec::load(E + (t * NT + j) * W);
-      Vec P = dH * e * Vec::load(H + (t * NT + j) * W);
-      dav[j] = fma(P, d, dav[j]);
-      s2 = fma(P, ar[j], s2);
-      dhv[j] = dH * e;
-    }
-    s1.store(q.S1 + t * W);
-    s2.store(q.S2 + t * W);
+    if (slot == 0) flush(t, t + W <= nt ? W : nt - t);
   }
   for (int j = 0; j < NT; ++j) {
     dhv[j].store(dh + (n0 + j) * W);
     dav[j].store(dA + (n0 + j) * W);
-  }
-
-  // dB[n, t] and dC[n, t] partials of this block: lane sums of RB/RC, W steps at a time.
-  alignas(64) float sums[W];
-  float* dBp = p.dB_part + ((k.block * p.batch + k.b) * p.N + n0) * p.L + t0;
-  float* dCp = p.dC_part + ((k.block * p.batch + k.b) * p.N + n0) * p.L + t0;
-  for (int j = 0; j < NT; ++j) {
-    for (int which = 0; which < 2; ++which) {
-      const float* R = (which ? RC : RB) + j * kChunk * W;
-      float* dst = (which ? dCp : dBp) + j * p.L;
-      int t = 0;
-      for (; t + W <= nt; t += W) {
-        lane_sums(R + t * W, sums);
-        for (int m = 0; m < W; ++m) dst[t + m] = sums[m];
-      }
-      for (; t < nt; ++t) {
-        float acc = 0.0f;
-        for (int l = 0; l < W; ++l) acc += R[t * W + l];
-        dst[t] = acc;
-      }
-    }
   }
 }
 
@@ -399,7 +405,8 @@ void backward(const ScanParams& p, int64_t begin, int64_t end) {
   const int64_t N = p.N;
   const size_t vecN = Scratch::need(N * W), vecT = Scratch::need(kChunk * W);
   const size_t tileT = Scratch::need(kChunk * kTile * W), tileT1 = Scratch::need((kChunk + 1) * kTile * W);
-  Scratch s(vecN * 3 + vecT * 14 + tileT * 3 + tileT1);
+  const size_t ring = Scratch::need(kTile * W * W);
+  Scratch s(vecN * 3 + vecT * 14 + tileT + tileT1 + 2 * ring);
   float* A2 = s.take(N * W);
   float* dh = s.take(N * W);
   float* dA = s.take(N * W);
@@ -413,8 +420,8 @@ void backward(const ScanParams& p, int64_t begin, int64_t end) {
   float* o_dz = s.take(kChunk * W);
   float* H = s.take((kChunk + 1) * kTile * W);
   float* E = s.take(kChunk * kTile * W);
-  float* RB = s.take(kChunk * kTile * W);
-  float* RC = s.take(kChunk * kTile * W);
+  float* RB = s.take(kTile * W * W);
+  float* RC = s.take(kTile * W * W);
 
   for (int64_t task = begin; task < end; ++task) {
     Block k = make_block(p, task, A2);

@@ -203,7 +203,7 @@ FINAL_BACKENDS = ("cpu", "torch")
 
 
 @pytest.mark.parametrize("backend", FINAL_BACKENDS)
-def test_scan_final(benchmark, grid, bench_dev, not_run, backend):
+def test_selective_scan_final(benchmark, grid, bench_dev, not_run, backend):
     """``selective_scan_final`` forward (no gradients): it never forms the per-step outputs."""
     batch, L, d, N = grid.scan
     fields = dict(kind="op_forward", name="selective_scan_final", backend=backend, device=bench_dev.type,

@@ -279,19 +279,45 @@ def test_thread_count_does_not_change_a_bit():
 
 @needs_lib
 def test_strided_inputs_give_the_same_result():
-    """z as a channel-slice of a wider tensor (as MambaMixer passes it), B/C as transposed views with a
-    non-unit stride along L (copied), u with a batch stride of its own."""
+    """z as a channel-slice of a wider tensor (as MambaMixer passes it), u with a batch stride of its
+    own, B/C as transposed views: read in place, same bits as contiguous inputs."""
     kw = make_scan_inputs(**ODD, use_lengths=True)
     want = selective_scan(**kw, return_last_state=True, backend="cpu")
-    b, d, L, N = ODD["batch"], ODD["dim"], ODD["L"], ODD["N"]
+    b, d, L = ODD["batch"], ODD["dim"], ODD["L"]
     zz = torch.randn(b, 2 * d, L)
     zz[:, d:] = kw["z"]
-    bt = kw["B"].transpose(1, 2).contiguous().transpose(1, 2)
     uu = torch.cat([kw["u"], torch.zeros(b, d, L)], dim=1)[:, :d]
-    strided = dict(kw, z=zz[:, d:], B=bt, C=kw["C"].transpose(1, 2).contiguous().transpose(1, 2), u=uu)
+    strided = dict(kw, z=zz[:, d:], B=kw["B"].transpose(1, 2).contiguous().transpose(1, 2),
+                   C=kw["C"].transpose(1, 2).contiguous().transpose(1, 2), u=uu)
     assert not strided["z"].is_contiguous() and strided["B"].stride(-1) != 1 and not strided["u"].is_contiguous()
     got = selective_scan(**strided, return_last_state=True, backend="cpu")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_lib
+@pytest.mark.parametrize("isa", ISAS)
+def test_time_major_layout(isa):
+    """u, delta, z (and dout) as transposes of (batch, L, dim) tensors, B/C of (batch, L, N): read in
+    place (one vector per step, no transposes), out and the gradients come back in the same layout,
+    and every value equals the one from mamba's (batch, dim, L) layout."""
+    _isa_or_skip(isa)
+    kw = make_scan_inputs(**ODD, use_lengths=True)
+    grad_out, grad_last = _grads(kw["u"].shape, (ODD["batch"], ODD["dim"], ODD["N"]), "both")
+    out, last, grads = _run(kw, "cpu", grad_out, grad_last, isa=isa)
+    tm = {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z", "B", "C") else v)
+          for k, v in kw.items()}
+    assert tm["u"].stride(1) == 1
+    inputs = clone_inputs(tm)
+    for k in ("u", "delta", "z", "B", "C"):  # clone_inputs keeps strides
+        assert inputs[k].stride(1) == 1, k
+    args = [inputs[n] for n in GRAD_NAMES]
+    out_tm, last_tm = scan_cpu.selective_scan_cpu(*args, tm["delta_softplus"], True, tm["lengths"], isa=isa)
+    assert out_tm.stride(1) == 1, "out follows u's layout"
+    torch.autograd.backward([out_tm, last_tm], [grad_out.transpose(1, 2).contiguous().transpose(1, 2), grad_last])
+    assert torch.equal(out_tm, out) and torch.equal(last_tm, last)
+    for name in GRAD_NAMES:
+        assert torch.equal(inputs[name].grad, grads[name]), name
+    assert inputs["u"].grad.stride(1) == 1 and inputs["z"].grad.stride(1) == 1
 
 
 @needs_lib

@@ -17,33 +17,43 @@ enum ForwardMode : int {
   kForwardFinal = 2,        // no per-step out: the output at each sequence's last step only
 };
 
+// A (batch, rows, L) fp32 tensor: element [b][r][t] at data[b * sb + r * sr + t * st]. For u, delta,
+// z, dout and the outputs either st == 1 (rows along L, mamba's layout) or sr == 1 (time-major, as a
+// (batch, L, dim) tensor's transpose): the binding copies anything else. B and C take any strides.
+struct SeqIn {
+  const float* data = nullptr;
+  int64_t sb = 0, sr = 0, st = 0;
+};
+struct SeqOut {
+  float* data = nullptr;
+  int64_t sb = 0, sr = 0, st = 0;
+};
+
 struct ScanParams {
   int64_t batch, dim, L, N;
   int64_t n_blocks;         // ceil(dim / W)
   int64_t n_chunks;         // ceil(L / kChunk)
-  // inputs, fp32; (batch, dim|N, L) tensors may have any batch/row stride but unit stride along L
-  const float* u; int64_t u_sb, u_sd;
-  const float* delta; int64_t delta_sb, delta_sd;
-  const float* z; int64_t z_sb, z_sd;              // nullptr: no gate
-  const float* B; int64_t B_sb, B_sn;
-  const float* C; int64_t C_sb, C_sn;
+  // inputs, fp32
+  SeqIn u, delta;
+  SeqIn z;                                         // data nullptr: no gate
+  SeqIn B, C;                                      // (batch, N, L)
   const float* A;                                  // (dim, N) contiguous
   const float* D;                                  // (dim,) or nullptr
   const float* delta_bias;                         // (dim,) or nullptr
   const int64_t* lengths;                          // (batch,) or nullptr (every row has L steps)
   bool softplus;
-  // forward outputs (contiguous)
-  float* out;                                      // (batch, dim, L), modes kForwardOut*
-  float* out_last;                                 // (batch, dim), kForwardFinal
+  // forward outputs
+  SeqOut out;                                      // (batch, dim, L), modes kForwardOut*
+  float* out_last;                                 // (batch, dim) contiguous, kForwardFinal
   float* last_state;                               // (batch, dim, N) or nullptr
   float* ckpt;                                     // (batch, n_chunks, N, dim), kForwardOutCkpt
   // backward inputs
-  const float* dout; int64_t dout_sb, dout_sd;     // nullptr: no gradient reaches out
+  SeqIn dout;                                      // data nullptr: no gradient reaches out
   const float* dlast;                              // (batch, dim, N) contiguous or nullptr
-  // backward outputs (contiguous)
-  float* du;                                       // (batch, dim, L)
-  float* ddelta;                                   // (batch, dim, L), w.r.t. the raw delta
-  float* dz;                                       // (batch, dim, L) or nullptr
+  // backward outputs
+  SeqOut du;                                       // (batch, dim, L)
+  SeqOut ddelta;                                   // (batch, dim, L), w.r.t. the raw delta
+  SeqOut dz;                                       // (batch, dim, L), data nullptr without z
   float* dA_part;                                  // (batch, dim, N): per-row partials of dA
   float* dD_part;                                  // (batch, dim) or nullptr
   float* dbias_part;                               // (batch, dim) or nullptr

@@ -55,29 +55,56 @@ struct Scratch {
   static size_t need(size_t n) { return (n + 15) / 16 * 16; }
 };
 
-// dst[t][l] = src[l * row_stride + t] for l < lanes, t < nt; the lanes >= lanes are zero.
-// Whole W x W blocks go through registers (transpose_block), the rest element by element.
-inline void load_tile(const float* src, int64_t row_stride, int lanes, int nt, float* dst) {
-  int t0 = 0;
-  if (lanes == W)
-    for (; t0 + W <= nt; t0 += W) transpose_block(src + t0, row_stride, dst + t0 * W, W);
+using m2rec_scan::SeqIn;
+using m2rec_scan::SeqOut;
+
+// dst[t][l] = s[b][d0 + l][t0 + t] for l < lanes, t < nt; the lanes >= lanes are zero. Rows along L:
+// whole W x W blocks go through registers (transpose_block); time-major: one vector per step.
+inline void load_tile(const SeqIn& s, int64_t b, int64_t d0, int64_t t0, int lanes, int nt, float* dst) {
+  const float* src = s.data + b * s.sb + d0 * s.sr + t0 * s.st;
+  if (s.st != 1 && s.sr == 1) {
+    for (int t = 0; t < nt; ++t) {
+      const float* r = src + t * s.st;
+      if (lanes == W) {
+        Vec::load(r).store(dst + t * W);
+      } else {
+        for (int l = 0; l < W; ++l) dst[t * W + l] = l < lanes ? r[l] : 0.0f;
+      }
+    }
+    return;
+  }
+  int t0b = 0;
+  if (lanes == W && s.st == 1)
+    for (; t0b + W <= nt; t0b += W) transpose_block(src + t0b, s.sr, dst + t0b * W, W);
   for (int l = 0; l < lanes; ++l) {
-    const float* row = src + l * row_stride;
-    for (int t = t0; t < nt; ++t) dst[t * W + l] = row[t];
+    const float* row = src + l * s.sr;
+    for (int t = t0b; t < nt; ++t) dst[t * W + l] = row[t * s.st];
   }
   if (lanes < W)
     for (int t = 0; t < nt; ++t)
       for (int l = lanes; l < W; ++l) dst[t * W + l] = 0.0f;
 }
 
-// dst[l * row_stride + t] = src[t][l] for l < lanes, t < nt.
-inline void store_tile(const float* src, float* dst, int64_t row_stride, int lanes, int nt) {
-  int t0 = 0;
-  if (lanes == W)
-    for (; t0 + W <= nt; t0 += W) transpose_block(src + t0 * W, W, dst + t0, row_stride);
+// s[b][d0 + l][t0 + t] = src[t][l] for l < lanes, t < nt.
+inline void store_tile(const float* src, const SeqOut& s, int64_t b, int64_t d0, int64_t t0, int lanes, int nt) {
+  float* dst = s.data + b * s.sb + d0 * s.sr + t0 * s.st;
+  if (s.st != 1 && s.sr == 1) {
+    for (int t = 0; t < nt; ++t) {
+      float* r = dst + t * s.st;
+      if (lanes == W) {
+        Vec::load(src + t * W).store(r);
+      } else {
+        for (int l = 0; l < lanes; ++l) r[l] = src[t * W + l];
+      }
+    }
+    return;
+  }
+  int t0b = 0;
+  if (lanes == W && s.st == 1)
+    for (; t0b + W <= nt; t0b += W) transpose_block(src + t0b * W, W, dst + t0b, s.sr);
   for (int l = 0; l < lanes; ++l) {
-    float* row = dst + l * row_stride;
-    for (int t = t0; t < nt; ++t) row[t] = src[t * W + l];
+    float* row = dst + l * s.sr;
+    for (int t = t0b; t < nt; ++t) row[t * s.st] = src[t * W + l];
   }
 }
 
@@ -140,8 +167,8 @@ inline Block make_block(const ScanParams& p, int64_t task, float* A2) {
 // exponents dt * A2 lie where the cheaper exp2_product is exact (fast_exp_ok).
 inline bool prep_delta(const ScanParams& p, const Block& k, int64_t t0, int nt, int nv, float* dt,
                        float* dtu, float* uu, float* dsp) {
-  load_tile(p.delta + k.b * p.delta_sb + k.d0 * p.delta_sd + t0, p.delta_sd, k.lanes, nt, dt);
-  load_tile(p.u + k.b * p.u_sb + k.d0 * p.u_sd + t0, p.u_sd, k.lanes, nt, uu);
+  load_tile(p.delta, k.b, k.d0, t0, k.lanes, nt, dt);
+  load_tile(p.u, k.b, k.d0, t0, k.lanes, nt, uu);
   const Vec one = Vec::bcast(1.0f), thr = Vec::bcast(kSoftplusThreshold);
   Vec dlo = Vec::zero(), dhi = Vec::zero();
   for (int t = 0; t < nt; ++t) {
@@ -162,8 +189,8 @@ inline bool prep_delta(const ScanParams& p, const Block& k, int64_t t0, int nt, 
 // One tile of NT states along steps [0, nt) of a chunk: h <- exp(dt A) h + dtu B_t at the steps
 // t < nv, and (kY) y_t += sum_n h C_t at every step. Bp/Cp point at B/C[b, n0, t0].
 template <int NT, bool kY, bool kFinite>
-inline void fwd_tile(const float* Bp, int64_t B_sn, const float* Cp, int64_t C_sn, const float* A2,
-                     float* h, int nv, int nt, const float* dt, const float* dtu, float* y) {
+inline void fwd_tile(const float* Bp, int64_t B_sn, int64_t B_st, const float* Cp, int64_t C_sn, int64_t C_st,
+                     const float* A2, float* h, int nv, int nt, const float* dt, const float* dtu, float* y) {
   Vec hv[NT], a[NT];
   const float* Bj[NT];
   const float* Cj[NT];
@@ -178,15 +205,15 @@ inline void fwd_tile(const float* Bp, int64_t B_sn, const float* Cp, int64_t C_s
     Vec yv = kY ? Vec::load(y + t * W) : Vec::zero();
     for (int j = 0; j < NT; ++j) {
       Vec e = kFinite ? exp2_product(d, a[j]) : exp2(d * a[j]);
-      hv[j] = fma(e, hv[j], du * Vec::bcast(Bj[j][t]));
-      if (kY) yv = fma(hv[j], Vec::bcast(Cj[j][t]), yv);
+      hv[j] = fma(e, hv[j], du * Vec::bcast(Bj[j][t * B_st]));
+      if (kY) yv = fma(hv[j], Vec::bcast(Cj[j][t * C_st]), yv);
     }
     if (kY) yv.store(y + t * W);
   }
   if (kY) {
     for (int t = nv; t < nt; ++t) {  // after the sequence's end: frozen state, y still read
       Vec yv = Vec::load(y + t * W);
-      for (int j = 0; j < NT; ++j) yv = fma(hv[j], Vec::bcast(Cj[j][t]), yv);
+      for (int j = 0; j < NT; ++j) yv = fma(hv[j], Vec::bcast(Cj[j][t * C_st]), yv);
       yv.store(y + t * W);
     }
   }
@@ -196,30 +223,31 @@ inline void fwd_tile(const float* Bp, int64_t B_sn, const float* Cp, int64_t C_s
 template <bool kY, bool kFinite>
 inline void fwd_states(const ScanParams& p, const Block& k, int64_t t0, int nv, int nt, float* h,
                        const float* dt, const float* dtu, float* y) {
-  const float* Bp = p.B + k.b * p.B_sb + t0;
-  const float* Cp = p.C + k.b * p.C_sb + t0;
+  const SeqIn &B = p.B, &C = p.C;
+  const float* Bp = B.data + k.b * B.sb + t0 * B.st;
+  const float* Cp = C.data + k.b * C.sb + t0 * C.st;
   int64_t n = 0;
   for (; n + kTile <= p.N; n += kTile)
-    fwd_tile<kTile, kY, kFinite>(Bp + n * p.B_sn, p.B_sn, Cp + n * p.C_sn, p.C_sn, k.A2 + n * W, h + n * W,
+    fwd_tile<kTile, kY, kFinite>(Bp + n * B.sr, B.sr, B.st, Cp + n * C.sr, C.sr, C.st, k.A2 + n * W, h + n * W,
                                  nv, nt, dt, dtu, y);
   for (; n < p.N; ++n)
-    fwd_tile<1, kY, kFinite>(Bp + n * p.B_sn, p.B_sn, Cp + n * p.C_sn, p.C_sn, k.A2 + n * W, h + n * W,
+    fwd_tile<1, kY, kFinite>(Bp + n * B.sr, B.sr, B.st, Cp + n * C.sr, C.sr, C.st, k.A2 + n * W, h + n * W,
                              nv, nt, dt, dtu, y);
 }
 
 // out = (y + D u) * silu(z) for one chunk, time-major; stored into out[b, d0:, t0:].
 inline void fwd_output(const ScanParams& p, const Block& k, int64_t t0, int nt, const float* y,
                        const float* uu, float* zz, float* o) {
-  if (p.z) load_tile(p.z + k.b * p.z_sb + k.d0 * p.z_sd + t0, p.z_sd, k.lanes, nt, zz);
+  if (p.z.data) load_tile(p.z, k.b, k.d0, t0, k.lanes, nt, zz);
   for (int t = 0; t < nt; ++t) {
     Vec v = p.D ? fma(k.Dv, Vec::load(uu + t * W), Vec::load(y + t * W)) : Vec::load(y + t * W);
-    if (p.z) {
+    if (p.z.data) {
       Vec zv = Vec::load(zz + t * W);
       v = v * zv * sigmoid(zv);
     }
     v.store(o + t * W);
   }
-  store_tile(o, p.out + (k.b * p.dim + k.d0) * p.L + t0, p.L, k.lanes, nt);
+  store_tile(o, p.out, k.b, k.d0, t0, k.lanes, nt);
 }
 
 // The output at the last step only, from the final state (mode kForwardFinal; length >= 1).
@@ -227,10 +255,11 @@ inline void fwd_output_last(const ScanParams& p, const Block& k, const float* h)
   int64_t t = k.len - 1;
   Vec y = Vec::zero();
   for (int64_t n = 0; n < p.N; ++n)
-    y = fma(Vec::load(h + n * W), Vec::bcast(p.C[k.b * p.C_sb + n * p.C_sn + t]), y);
-  if (p.D) y = fma(k.Dv, gather_lanes(p.u + k.b * p.u_sb + k.d0 * p.u_sd + t, p.u_sd, k.lanes), y);
-  if (p.z) {
-    Vec zv = gather_lanes(p.z + k.b * p.z_sb + k.d0 * p.z_sd + t, p.z_sd, k.lanes);
+    y = fma(Vec::load(h + n * W), Vec::bcast(p.C.data[k.b * p.C.sb + n * p.C.sr + t * p.C.st]), y);
+  const SeqIn &u = p.u, &z = p.z;
+  if (p.D) y = fma(k.Dv, gather_lanes(u.data + k.b * u.sb + k.d0 * u.sr + t * u.st, u.sr, k.lanes), y);
+  if (z.data) {
+    Vec zv = gather_lanes(z.data + k.b * z.sb + k.d0 * z.sr + t * z.st, z.sr, k.lanes);
     y = y * zv * sigmoid(zv);
   }
   scatter_lanes(y, p.out_last + k.b * p.dim + k.d0, 1, k.lanes);
@@ -301,30 +330,31 @@ template <int NT, bool kFinite>
 inline void bwd_tile(const ScanParams& p, const Block& k, int64_t c, int64_t n0, int nv, int nt,
                      const BwdChunk& q, float* dh, float* dA, float* H, float* E, float* RB, float* RC) {
   const int64_t t0 = c * kChunk;
-  const float* Bp = p.B + k.b * p.B_sb + n0 * p.B_sn + t0;
-  const float* Cp = p.C + k.b * p.C_sb + n0 * p.C_sn + t0;
+  const int64_t Bst = p.B.st, Cst = p.C.st;
+  const float* Bp = p.B.data + k.b * p.B.sb + n0 * p.B.sr + t0 * Bst;
+  const float* Cp = p.C.data + k.b * p.C.sb + n0 * p.C.sr + t0 * Cst;
   const float* ck = p.ckpt + ((k.b * p.n_chunks + c) * p.N + n0) * p.dim + k.d0;
   const float* Bj[NT];
   const float* Cj[NT];
   Vec a[NT], ar[NT], hv[NT];
   for (int j = 0; j < NT; ++j) {
-    Bj[j] = Bp + j * p.B_sn;
-    Cj[j] = Cp + j * p.C_sn;
+    Bj[j] = Bp + j * p.B.sr;
+    Cj[j] = Cp + j * p.C.sr;
     a[j] = Vec::load(k.A2 + (n0 + j) * W);
     ar[j] = gather_lanes(p.A + k.d0 * p.N + n0 + j, p.N, k.lanes);
     hv[j] = gather_lanes(ck + j * p.dim, 1, k.lanes);
     hv[j].store(H + j * W);  // H[0] = state before the chunk, H[t + 1] = after step t
   }
-  const bool want_y = p.z != nullptr;
+  const bool want_y = p.z.data != nullptr;
   for (int t = 0; t < nv; ++t) {
     Vec d = Vec::load(q.dt + t * W), du = Vec::load(q.dtu + t * W);
     Vec yv = want_y ? Vec::load(q.y + t * W) : Vec::zero();
     for (int j = 0; j < NT; ++j) {
       Vec e = kFinite ? exp2_product(d, a[j]) : exp2(d * a[j]);
       e.store(E + (t * NT + j) * W);
-      hv[j] = fma(e, hv[j], du * Vec::bcast(Bj[j][t]));
+      hv[j] = fma(e, hv[j], du * Vec::bcast(Bj[j][t * Bst]));
       hv[j].store(H + ((t + 1) * NT + j) * W);
-      if (want_y) yv = fma(hv[j], Vec::bcast(Cj[j][t]), yv);
+      if (want_y) yv = fma(hv[j], Vec::bcast(Cj[j][t * Cst]), yv);
     }
     if (want_y) yv.store(q.y + t * W);
   }
@@ -332,7 +362,7 @@ inline void bwd_tile(const ScanParams& p, const Block& k, int64_t c, int64_t n0,
     Vec yv = want_y ? Vec::load(q.y + t * W) : Vec::zero();
     for (int j = 0; j < NT; ++j) {
       hv[j].store(H + ((t + 1) * NT + j) * W);
-      if (want_y) yv = fma(hv[j], Vec::bcast(Cj[j][t]), yv);
+      if (want_y) yv = fma(hv[j], Vec::bcast(Cj[j][t * Cst]), yv);
     }
     if (want_y) yv.store(q.y + t * W);
   }
@@ -371,7 +401,7 @@ inline void bwd_tile(const ScanParams& p, const Block& k, int64_t c, int64_t n0,
     Vec gv = Vec::load(q.g + t * W);
     if (t >= nv) {  // identity step: only the output term reaches h
       for (int j = 0; j < NT; ++j) {
-        dhv[j] = fma(gv, Vec::bcast(Cj[j][t]), dhv[j]);
+        dhv[j] = fma(gv, Vec::bcast(Cj[j][t * Cst]), dhv[j]);
         (Vec::load(H + ((t + 1) * NT + j) * W) * gv).store(RC + (j * W + slot) * W);
         Vec::zero().store(RB + (j * W + slot) * W);
       }
@@ -379,10 +409,10 @@ inline void bwd_tile(const ScanParams& p, const Block& k, int64_t c, int64_t n0,
       Vec d = Vec::load(q.dt + t * W), du = Vec::load(q.dtu + t * W);
       Vec s1 = Vec::load(q.S1 + t * W), s2 = Vec::load(q.S2 + t * W);
       for (int j = 0; j < NT; ++j) {
-        Vec dH = fma(gv, Vec::bcast(Cj[j][t]), dhv[j]);  // dL/dh_t
+        Vec dH = fma(gv, Vec::bcast(Cj[j][t * Cst]), dhv[j]);  // dL/dh_t
         (Vec::load(H + ((t + 1) * NT + j) * W) * gv).store(RC + (j * W + slot) * W);
         (dH * du).store(RB + (j * W + slot) * W);
-        s1 = fma(dH, Vec::bcast(Bj[j][t]), s1);
+        s1 = fma(dH, Vec::bcast(Bj[j][t * Bst]), s1);
         Vec e = Vec::load(E + (t * NT + j) * W);
         Vec P = dH * e * Vec::load(H + (t * NT + j) * W);
         dav[j] = fma(P, d, dav[j]);
@@ -437,15 +467,15 @@ void backward(const ScanParams& p, int64_t begin, int64_t end) {
       const int nt = static_cast<int>(min64(kChunk, p.L - t0));
       const int nv = static_cast<int>(max64(0, min64(nt, k.len - t0)));
       const bool finite = prep_delta(p, k, t0, nt, nv, q.dt, q.dtu, q.uu, q.dsp);
-      if (p.dout) {
-        load_tile(p.dout + k.b * p.dout_sb + k.d0 * p.dout_sd + t0, p.dout_sd, k.lanes, nt, q.dout);
+      if (p.dout.data) {
+        load_tile(p.dout, k.b, k.d0, t0, k.lanes, nt, q.dout);
       } else {
         for (int i = 0; i < nt * W; ++i) q.dout[i] = 0.0f;
       }
-      if (p.z) load_tile(p.z + k.b * p.z_sb + k.d0 * p.z_sd + t0, p.z_sd, k.lanes, nt, q.zz);
+      if (p.z.data) load_tile(p.z, k.b, k.d0, t0, k.lanes, nt, q.zz);
       for (int t = 0; t < nt; ++t) {  // g = dL/d(y + D u) = dout * silu(z)
         Vec gv = Vec::load(q.dout + t * W);
-        if (p.z) {
+        if (p.z.data) {
           Vec zv = Vec::load(q.zz + t * W), sg = sigmoid(zv);
           sg.store(q.sz + t * W);
           gv = gv * zv * sg;
@@ -474,16 +504,15 @@ void backward(const ScanParams& p, int64_t begin, int64_t end) {
         dd.store(o_dd + t * W);
         dbias_acc = dbias_acc + dd;
         dD_acc = fma(gv, uv, dD_acc);
-        if (p.z) {  // dz = dout (y + D u) silu'(z), silu' = s (1 + z (1 - s))
+        if (p.z.data) {  // dz = dout (y + D u) silu'(z), silu' = s (1 + z (1 - s))
           Vec pre = p.D ? fma(k.Dv, uv, Vec::load(q.y + t * W)) : Vec::load(q.y + t * W);
           Vec zv = Vec::load(q.zz + t * W), sg = Vec::load(q.sz + t * W);
           (Vec::load(q.dout + t * W) * pre * sg * fma(zv, one - sg, one)).store(o_dz + t * W);
         }
       }
-      const int64_t off = (k.b * p.dim + k.d0) * p.L + t0;
-      store_tile(o_du, p.du + off, p.L, k.lanes, nt);
-      store_tile(o_dd, p.ddelta + off, p.L, k.lanes, nt);
-      if (p.z) store_tile(o_dz, p.dz + off, p.L, k.lanes, nt);
+      store_tile(o_du, p.du, k.b, k.d0, t0, k.lanes, nt);
+      store_tile(o_dd, p.ddelta, k.b, k.d0, t0, k.lanes, nt);
+      if (p.z.data) store_tile(o_dz, p.dz, k.b, k.d0, t0, k.lanes, nt);
     }
     float* dAp = p.dA_part + (k.b * p.dim + k.d0) * N;
     for (int64_t n = 0; n < N; ++n) scatter_lanes(Vec::load(dA + n * W), dAp + n, N, k.lanes);

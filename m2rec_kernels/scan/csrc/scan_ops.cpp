@@ -52,15 +52,36 @@ const KernelTable* table(int64_t isa) {
   return t;
 }
 
-// fp32 with unit stride along the last dim (the kernels read rows along L).
-at::Tensor rows_f32(const at::Tensor& t) {
+// fp32 (batch, dim, L) with unit stride along L (rows, mamba's layout) or along dim (time-major, the
+// transpose of a (batch, L, dim) tensor); any other layout is copied into rows.
+at::Tensor seq_f32(const at::Tensor& t) {
   at::Tensor x = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
-  if (x.dim() > 0 && x.size(-1) > 1 && x.stride(-1) != 1) x = x.contiguous();
-  return x;
+  if (x.size(2) <= 1 || x.stride(2) == 1 || x.size(1) <= 1 || x.stride(1) == 1) return x;
+  return x.contiguous();
 }
+bool time_major(const at::Tensor& x) { return x.size(2) > 1 && x.stride(2) != 1; }
 at::Tensor contig_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+SeqIn seq_in(const at::Tensor& t) {
+  SeqIn s;
+  if (t.defined()) { s.data = t.data_ptr<float>(); s.sb = t.stride(0); s.sr = t.stride(1); s.st = t.stride(2); }
+  return s;
+}
+SeqOut seq_out(const at::Tensor& t) {
+  SeqOut s;
+  if (t.defined()) { s.data = t.data_ptr<float>(); s.sb = t.stride(0); s.sr = t.stride(1); s.st = t.stride(2); }
+  return s;
+}
+
+// A new fp32 (batch, dim, L) tensor in the layout of ``like`` (so outputs follow their inputs).
+at::Tensor seq_new(const at::Tensor& like, int64_t batch, int64_t dim, int64_t L, bool zero) {
+  auto f32 = like.options().dtype(at::kFloat);
+  if (time_major(like)) {
+    return (zero ? at::zeros({batch, L, dim}, f32) : at::empty({batch, L, dim}, f32)).transpose(1, 2);
+  }
+  return zero ? at::zeros({batch, dim, L}, f32) : at::empty({batch, dim, L}, f32);
+}
 
 struct Inputs {  // tensors kept alive while the kernels read them
   at::Tensor u, delta, A, B, C, D, z, bias, lengths;
@@ -71,13 +92,13 @@ Inputs prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
                const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& lengths) {
   TORCH_CHECK(u.device().is_cpu(), "m2rec_scan_cpu: tensors must be on the CPU");
   Inputs in;
-  in.u = rows_f32(u);
-  in.delta = rows_f32(delta);
+  in.u = seq_f32(u);
+  in.delta = seq_f32(delta);
   in.A = contig_f32(A);
-  in.B = rows_f32(B);
-  in.C = rows_f32(C);
+  in.B = B.scalar_type() == at::kFloat ? B : B.to(at::kFloat);  // any strides
+  in.C = C.scalar_type() == at::kFloat ? C : C.to(at::kFloat);
   if (D.has_value()) in.D = contig_f32(*D);
-  if (z.has_value()) in.z = rows_f32(*z);
+  if (z.has_value()) in.z = seq_f32(*z);
   if (delta_bias.has_value()) in.bias = contig_f32(*delta_bias);
   if (lengths.has_value()) in.lengths = lengths->to(at::kLong).contiguous();
   return in;
@@ -91,11 +112,11 @@ ScanParams params_for(const Inputs& in, const KernelTable* k, bool softplus) {
   p.N = in.A.size(1);
   p.n_blocks = (p.dim + k->width - 1) / k->width;
   p.n_chunks = (p.L + k->chunk - 1) / k->chunk;
-  p.u = in.u.data_ptr<float>(); p.u_sb = in.u.stride(0); p.u_sd = in.u.stride(1);
-  p.delta = in.delta.data_ptr<float>(); p.delta_sb = in.delta.stride(0); p.delta_sd = in.delta.stride(1);
-  if (in.z.defined()) { p.z = in.z.data_ptr<float>(); p.z_sb = in.z.stride(0); p.z_sd = in.z.stride(1); }
-  p.B = in.B.data_ptr<float>(); p.B_sb = in.B.stride(0); p.B_sn = in.B.stride(1);
-  p.C = in.C.data_ptr<float>(); p.C_sb = in.C.stride(0); p.C_sn = in.C.stride(1);
+  p.u = seq_in(in.u);
+  p.delta = seq_in(in.delta);
+  p.z = seq_in(in.z);
+  p.B = seq_in(in.B);
+  p.C = seq_in(in.C);
   p.A = in.A.data_ptr<float>();
   p.D = ptr_or_null(in.D);
   p.delta_bias = ptr_or_null(in.bias);
@@ -130,8 +151,8 @@ at::Tensor cast_like(const at::Tensor& x, const at::Tensor& like) {
   return x.scalar_type() == like.scalar_type() ? x : x.to(like.scalar_type());
 }
 
-// mode: ForwardMode. Returns (out, last_state, ckpt): out (batch, dim, L) in u's dtype, or (batch, dim)
-// for kForwardFinal; last_state (batch, dim, N) fp32 when want_last or final (else empty); ckpt
+// mode: ForwardMode. Returns (out, last_state, ckpt): out (batch, dim, L) in u's dtype and memory layout,
+// or (batch, dim) for kForwardFinal; last_state (batch, dim, N) fp32 when want_last or final (else empty); ckpt
 // (batch, n_chunks, N, dim) fp32 for kForwardOutCkpt (else empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -146,10 +167,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(
   const bool final_only = mode == kForwardFinal;
   const bool empty = p.batch * p.dim == 0 || p.L == 0;
   auto alloc = [&](at::IntArrayRef shape) { return empty ? at::zeros(shape, f32) : at::empty(shape, f32); };
-  at::Tensor out = final_only ? alloc({p.batch, p.dim}) : alloc({p.batch, p.dim, p.L});
+  at::Tensor out = final_only ? alloc({p.batch, p.dim}) : seq_new(in.u, p.batch, p.dim, p.L, empty);
   at::Tensor last = (want_last || final_only) ? alloc({p.batch, p.dim, p.N}) : at::empty({0}, f32);
   at::Tensor ckpt = mode == kForwardOutCkpt ? alloc({p.batch, p.n_chunks, p.N, p.dim}) : at::empty({0}, f32);
-  (final_only ? p.out_last : p.out) = out.data_ptr<float>();
+  if (final_only) p.out_last = out.data_ptr<float>(); else p.out = seq_out(out);
   p.last_state = last.numel() ? last.data_ptr<float>() : nullptr;
   p.ckpt = ckpt.numel() ? ckpt.data_ptr<float>() : nullptr;
   run_tasks(p, [&](int64_t begin, int64_t end) { k->forward(p, static_cast<int>(mode), begin, end); });
@@ -174,8 +195,8 @@ backward_op(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, c
               "m2rec_scan_cpu.backward: the checkpoints do not match the inputs");
   at::Tensor dout_f, dlast_f;
   if (dout.has_value()) {
-    dout_f = rows_f32(*dout);
-    p.dout = dout_f.data_ptr<float>(); p.dout_sb = dout_f.stride(0); p.dout_sd = dout_f.stride(1);
+    dout_f = seq_f32(*dout);
+    p.dout = seq_in(dout_f);
   }
   if (dlast.has_value()) {
     dlast_f = contig_f32(*dlast);
@@ -183,17 +204,17 @@ backward_op(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, c
   }
   p.ckpt = empty ? nullptr : ckpt.data_ptr<float>();
   auto alloc = [&](at::IntArrayRef shape) { return empty ? at::zeros(shape, f32) : at::empty(shape, f32); };
-  at::Tensor du = alloc({p.batch, p.dim, p.L});
-  at::Tensor ddelta = alloc({p.batch, p.dim, p.L});
-  at::Tensor dz = in.z.defined() ? alloc({p.batch, p.dim, p.L}) : at::Tensor();
+  at::Tensor du = seq_new(in.u, p.batch, p.dim, p.L, empty);  // gradients in their inputs' layouts
+  at::Tensor ddelta = seq_new(in.delta, p.batch, p.dim, p.L, empty);
+  at::Tensor dz = in.z.defined() ? seq_new(in.z, p.batch, p.dim, p.L, empty) : at::Tensor();
   at::Tensor dA_part = at::zeros({p.batch, p.dim, p.N}, f32);
   at::Tensor dD_part = in.D.defined() ? at::zeros({p.batch, p.dim}, f32) : at::Tensor();
   at::Tensor dbias_part = in.bias.defined() ? at::zeros({p.batch, p.dim}, f32) : at::Tensor();
   at::Tensor dB_part = at::zeros({p.n_blocks, p.batch, p.N, p.L}, f32);
   at::Tensor dC_part = at::zeros({p.n_blocks, p.batch, p.N, p.L}, f32);
-  p.du = du.data_ptr<float>();
-  p.ddelta = ddelta.data_ptr<float>();
-  p.dz = ptr_or_null(dz);
+  p.du = seq_out(du);
+  p.ddelta = seq_out(ddelta);
+  p.dz = seq_out(dz);
   p.dA_part = dA_part.data_ptr<float>();
   p.dD_part = ptr_or_null(dD_part);
   p.dbias_part = ptr_or_null(dbias_part);

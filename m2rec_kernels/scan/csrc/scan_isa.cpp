@@ -5,16 +5,18 @@
 //
 // Layout (the idea of mamba's CUDA scan, state-spaces/mamba csrc/selective_scan, turned for SIMD): a
 // task owns one batch row and W channels (one vector register of lanes) and walks time in chunks of
-// kChunk steps. Per chunk, the (channels x time) tiles of delta, u, z are transposed into time-major
-// [t][lane] buffers, so every per-step value is one vector load; B_t[n] and C_t[n] are per batch row,
-// the same for every lane, and are broadcast. The state for the W channels is walked kTile states at a
-// time, in registers, along the whole chunk: per step and state one exp, one multiply and two FMAs
-// (one without y), and nothing is stored per step except y (one vector for all the tile's states).
+// kChunk steps. Per chunk, the (channels x time) tiles of delta, u, z are brought into time-major
+// [t][lane] buffers (register transposes for mamba's layout, plain vector copies for time-major
+// inputs), so every per-step value is one vector load; B_t[n] and C_t[n] are per batch row, the same
+// for every lane, and are broadcast. The state for the W channels is walked kTile states at a time,
+// in registers, along the whole chunk: per step and state one exp, one multiply and two FMAs (one
+// without y), and nothing is stored per step except y (one vector for all the tile's states).
 //
 // The backward recomputes each chunk from the state saved at its start (mode kForwardOutCkpt), keeping
 // that chunk's states and decays for one state tile in a small buffer, then walks the chunk in
 // reverse (never dividing by exp(delta A)). dB and dC are sums over channels: per step and state a
-// vector of W lane partials, summed across lanes (lane_sums) into a per-block partial buffer.
+// vector of W lane partials, summed across lanes (lane_sums, a fixed tree) into per-block partials
+// that the binding adds in a fixed order.
 #include <stdlib.h>
 #if defined(__SSE__) || defined(__x86_64__)
 #include <xmmintrin.h>

@@ -1,7 +1,7 @@
-// One small float vector type per instruction set; the scan kernels (scan_kernels.h) are written once
-// against it and compiled once per ISA (scan_isa.cpp), the way ATen compiles its CPU kernels once per
-// CPU_CAPABILITY (aten/src/ATen/native/cpu, at::vec). Raw intrinsics instead of at::vec: the kernel
-// files then include no torch header (a variant compiles in a second) and the exp is our own.
+// One small float vector type per instruction set; the scan kernels (scan_isa.cpp) are written once
+// against it and compiled once per ISA, the way ATen compiles its CPU kernels once per CPU_CAPABILITY
+// (aten/src/ATen/cpu/vec, at::vec). Raw intrinsics instead of at::vec: the kernel files include no
+// torch header (a variant compiles in seconds), and the exp, softplus and lane sums are our own.
 //
 // Exactly one of M2REC_ISA_AVX512 / M2REC_ISA_AVX2 / M2REC_ISA_GENERIC is defined by the build, and
 // everything here lives in an anonymous namespace: the three variants are linked into one library, and
@@ -90,7 +90,7 @@ inline Vec exp2_product(Vec d, Vec a) {
   return _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_mul_ps(q, r), T, T), k);  // T 2^r 2^floor(k)
 }
 
-// Whether exp2_product is exact for d in [dlo, dhi] and a in [alo, ahi] (NaN: either way).
+// Whether exp2_product is accurate for d in [dlo, dhi] and a in [alo, ahi] (NaN: either way).
 inline bool fast_exp_ok(float dlo, float dhi, float alo, float ahi) {
   float dm = dhi > -dlo ? dhi : -dlo, am = ahi > -alo ? ahi : -alo;
   return dm * am < kFastExpRange;  // false for inf

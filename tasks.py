@@ -4,7 +4,10 @@
     python3 tasks.py test        # set up .venv, run the test suite (kernels under the Triton interpreter)
     python3 tasks.py bench       # set up .venv, run the benchmark suite, then draw the plots in reports/
     python3 tasks.py gpu-check DIR   # on a CUDA machine with torch/triton/pytest already installed:
-                                     # GPU tests + benchmark suite, results into DIR, installs nothing
+                                     # GPU tests + benchmark rows in priority order, results into DIR
+                                     # after every step, < 7 min, installs nothing (bench/gpu_check.py)
+    python3 tasks.py build-mamba-scan [DIR]  # cross-build mamba_ssm's CUDA scan for the GPU image into
+                                     # DIR (default .mamba-build/), for gpu-check to carry
 
 Set-up creates (or reuses) ``.venv`` next to this file and installs the package with its extras. It is
 redone only when this file or pyproject.toml changes. Environment knobs:
@@ -63,6 +66,11 @@ def setup_fingerprint() -> str:
     return h.hexdigest()
 
 
+def recbole_supported() -> bool:
+    """The recbole extra pins NumPy < 2 (RecBole 1.2.1 needs it), which has wheels up to Python 3.12."""
+    return sys.version_info < (3, 13)
+
+
 def build_cpu_kernels(py: str) -> None:
     """Build the compiled CPU scan into m2rec_kernels/scan/_cpu_lib when it is missing or stale (returns
     at once otherwise), so that no call ever compiles. Not fatal when it fails."""
@@ -93,8 +101,12 @@ def ensure_env() -> str:
         # torch first, pinned: with no torch present, later packages would pull a multi-GB CUDA build.
         run(pip + [os.environ.get("M2REC_TORCH_SPEC", "torch==2.13.0")])
     run(pip + ["setuptools", "wheel", "packaging", "ninja"])
-    run(pip + ["-e", ".[test,mamba,data]"])
-    # recbole only for the ml-100k atomic files it bundles; its own dependencies are not needed.
+    extras = "test,mamba,data" + (",recbole" if recbole_supported() else "")
+    if not recbole_supported():
+        log("Python >= 3.13: the recbole extra (NumPy < 2) has no wheels here; its tests will skip")
+    run(pip + ["-e", f".[{extras}]"])
+    # recbole: the ml-100k atomic files it bundles, and m2rec.integrations.recbole. Its own requirements
+    # are not installed (ray, plotly, thop, ...); the recbole extra holds what its Trainer path imports.
     run(pip + ["--no-deps", "recbole==1.2.1"])
     if os.environ.get("M2REC_SKIP_MAMBA", "0") in ("", "0"):
         # mamba-ssm without its CUDA extensions (DESIGN §8); used only for cross-checks.
@@ -112,6 +124,8 @@ def ensure_env() -> str:
 def cmd_test(args) -> int:
     py = ensure_env()
     env = dict(os.environ, TRITON_INTERPRET="1", M2REC_BENCH_SMOKE="1")
+    if not os.environ.get("M2REC_PYTHON") and recbole_supported():
+        env["M2REC_REQUIRE_RECBOLE"] = "1"  # set-up installed the extra: its test must run, not skip
     t0 = time.time()
     # tests/ checks correctness; bench/ runs once on tiny shapes with timing disabled so it cannot rot.
     rc = run([py, "-m", "pytest", "tests", "bench", "--benchmark-disable", "-q", *args], env=env, check=False)
@@ -130,27 +144,42 @@ def cmd_bench(args) -> int:
 
 
 def cmd_gpu_check(args) -> int:
+    """bench/gpu_check.py with this machine's Python (M2REC_PYTHON to choose): installs nothing."""
     if not args:
-        print("usage: python3 tasks.py gpu-check OUTPUT_DIR", file=sys.stderr)
+        print("usage: python3 tasks.py gpu-check OUTPUT_DIR [--budget-s S] [--stub]", file=sys.stderr)
         return 2
-    out = Path(args[0]).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     py = os.environ.get("M2REC_PYTHON", sys.executable)
-    probe = subprocess.run([py, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True)
-    if probe.stdout.strip() != "True":
-        why = f"cannot import torch ({probe.stderr.strip().splitlines()[-1]})" if probe.returncode else "sees no CUDA device"
-        print(f"gpu-check: {py} {why}; run it on a CUDA machine (M2REC_PYTHON picks the interpreter), "
-              "or use 'python3 tasks.py test' here", file=sys.stderr)
-        return 2
-    env = dict(os.environ, M2REC_GPU_TESTS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
-    rc_tests = run([py, "-m", "pytest", "tests", "-q", f"--junitxml={out / 'gpu-tests.xml'}"], env=env, check=False)
-    rc_bench = run([py, "-m", "bench.run_suite", "--out", out], env=env, check=False)
-    log(f"gpu-check: tests exit {rc_tests}, bench exit {rc_bench}; results in {out}")
-    return rc_tests or rc_bench
+    t0 = time.time()
+    rc = run([py, "-m", "bench.gpu_check", *args], env=env, check=False)
+    log(f"gpu-check finished in {time.time() - t0:.0f}s (exit {rc})")
+    return rc
 
 
-COMMANDS = {"test": cmd_test, "bench": cmd_bench, "gpu-check": cmd_gpu_check, "setup": lambda a: (ensure_env(), 0)[1]}
+def cmd_build_mamba_scan(args) -> int:
+    """Cross-build mamba_ssm's CUDA scan for the GPU image (torch 2.11, CUDA 13, sm_90) on this machine:
+    a scratch venv with that torch (its wheel brings the CUDA headers) in .mamba-torch/, then
+    bench/build_mamba_scan.py (extra arguments go to it). nvcc 13 must be on PATH. The archive lands in
+    .mamba-build/ (or the directory given first), where gpu-check finds it."""
+    out = Path(args[0]).resolve() if args and not args[0].startswith("-") else ROOT / ".mamba-build"
+    rest = args[1:] if args and not args[0].startswith("-") else args
+    torch_spec = os.environ.get("M2REC_MAMBA_TORCH_SPEC", "torch==2.11.0")  # the GPU image's torch
+    venv = ROOT / ".mamba-torch"  # kept apart from .mamba-build/, which is carried whole
+    py = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    probe_code = ["-c", "import packaging, setuptools, wheel, torch; print(torch.__version__)"]
+    if not py.exists():
+        run([sys.executable, "-m", "venv", venv])
+    probe = subprocess.run([py, *probe_code], capture_output=True, text=True)
+    if probe.returncode != 0 or not probe.stdout.startswith(torch_spec.split("==")[-1]):
+        log(f"installing {torch_spec} into {venv} (the headers and libraries to build against; several GB)")
+        # packaging/setuptools/wheel: pip runs mamba's setup.py (which imports them and torch) to download it
+        run([py, "-m", "pip", "install", "--disable-pip-version-check", "-q", torch_spec, "packaging", "setuptools", "wheel"])
+    return run([sys.executable, "-m", "bench.build_mamba_scan", "--out", out, "--python", py, *rest], check=False)
+
+
+COMMANDS = {"test": cmd_test, "bench": cmd_bench, "gpu-check": cmd_gpu_check, "build-mamba-scan": cmd_build_mamba_scan,
+            "setup": lambda a: (ensure_env(), 0)[1]}
 
 
 def main() -> int:

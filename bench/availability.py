@@ -5,6 +5,8 @@ The reasons end up verbatim in the results (rows with status "not run") and in t
 from __future__ import annotations
 
 import importlib
+import os
+import time
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -12,6 +14,21 @@ import torch
 from m2rec_kernels._backend import triton_available, triton_interpreter_enabled
 
 from .grids import smoke_mode
+
+
+def budget_not_run_reason() -> Optional[str]:
+    """Why a row is skipped because the run's time budget is spent (``M2REC_BENCH_DEADLINE``, seconds
+    since the epoch, set by gpu-check), or None. Checked before a row builds or compiles anything."""
+    raw = os.environ.get("M2REC_BENCH_DEADLINE", "")
+    if not raw:
+        return None
+    try:
+        deadline = float(raw)
+    except ValueError:
+        raise ValueError(f"M2REC_BENCH_DEADLINE must be seconds since the epoch, got {raw!r}") from None
+    if time.time() < deadline:
+        return None
+    return "the run's time budget was spent before this row (gpu-check runs rows in priority order)"
 
 
 def triton_not_run_reason(device: torch.device) -> Optional[str]:
@@ -73,3 +90,34 @@ def mamba_reference_scan() -> Tuple[Optional[Callable], str]:
     if mamba_ssm is None:
         return None, how
     return selective_scan_ref(), "mamba_ssm selective_scan_ref (PyTorch, materialises (b, d, L, N))"
+
+
+#: On CPU the unfused row runs mamba_ssm's ``selective_scan_ref``, which materialises exp(Δ·A) and Δ·B·u as
+#: (batch, d_inner, L, N) fp32 tensors and walks L in Python, and whose backward is quadratic in L (it
+#: scatters every step's gradient into a zero tensor of the whole sequence). Measured on the 2-core Xeon,
+#: one thread, min of interleaved calls under load: inference 3.1 s per call at L 200 / batch 64 (5.4x
+#: M2Rec on torch), 20 s at L 1000 / batch 64; a training step 1.9 s at L 50 / batch 32 but 74 s at
+#: L 200 / batch 32. Rows above these limits would cost minutes each, more than the CPU suite's budget.
+CPU_REF_SCAN_MAX_ELEMENTS = 2 ** 26      # inference: batch * d_inner * L * N (L 200 at batch 64 runs)
+CPU_REF_SCAN_MAX_TRAINING_L = 64          # training: L 50 runs, L 200 does not
+
+
+def unfused_m2rec_not_run_reason(device: torch.device, kind: str, L: int, batch: int) -> Optional[str]:
+    """None when the "M2Rec, unfused" row runs here; otherwise why not (recorded as "not run")."""
+    from .grids import D_MODEL, D_STATE, EXPAND
+    from .unfused_m2rec import mamba_scan_label
+
+    label, why = mamba_scan_label(device)
+    if label is None:
+        return why
+    if device.type != "cpu" or smoke_mode():
+        return None
+    if kind == "training" and L > CPU_REF_SCAN_MAX_TRAINING_L:
+        return ("on CPU its scan is mamba_ssm's selective_scan_ref, whose backward is quadratic in L: 74 s per "
+                f"training step at L 200, batch 32 on a 2-core CPU; not run above L {CPU_REF_SCAN_MAX_TRAINING_L}")
+    elements = batch * EXPAND * D_MODEL * L * D_STATE
+    if elements > CPU_REF_SCAN_MAX_ELEMENTS:
+        return (f"on CPU its scan is mamba_ssm's selective_scan_ref, which walks L in Python over two (batch, "
+                f"d_inner, L, N) fp32 tensors, {4 * elements / 2 ** 30:.1f} GiB each here: 20 s per call at L 1000, "
+                f"batch 64 on a 2-core CPU; not run above {CPU_REF_SCAN_MAX_ELEMENTS / 2 ** 20:.0f} M elements")
+    return None

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from .grids import bench_device, cpu_threads, current_grid, smoke_mode
+from .priorities import selected_steps, step_of
 
 _NOT_RUN_KEY = pytest.StashKey[list]()
 
@@ -26,6 +27,21 @@ def pytest_configure(config):
     if not torch.cuda.is_available() and not smoke_mode():
         # timing runs only (the smoke run shares its process with tests/): see grids.cpu_threads
         torch.set_num_threads(cpu_threads())
+
+
+def pytest_collection_modifyitems(config, items):
+    # gpu-check runs the bench one priority step at a time (bench/priorities.py)
+    raw = os.environ.get("M2REC_BENCH_STEPS", "")
+    if not raw:
+        return
+    keep = selected_steps(raw)
+    chosen, dropped = [], []
+    for item in items:
+        params = dict(item.callspec.params) if hasattr(item, "callspec") else {}
+        (chosen if step_of(item.originalname, params) in keep else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = chosen
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -38,12 +54,14 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture
 def not_run(request):
-    """``not_run(reason, **fields)``: record a row that was not run on this machine, then skip."""
+    """``not_run(reason, **fields)``: record a row that was not run on this machine, then skip
+    (``skip=False``: record it and go on, for a row that another one stands in for)."""
 
-    def record(reason: str, **fields):
+    def record(reason: str, skip: bool = True, **fields):
         row = dict(fields, status="not run", reason=reason, test=request.node.nodeid)
         request.config.stash[_NOT_RUN_KEY].append(row)
-        pytest.skip(f"not run: {reason}")
+        if skip:
+            pytest.skip(f"not run: {reason}")
 
     return record
 

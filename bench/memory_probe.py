@@ -114,7 +114,7 @@ def probe_in_subprocess(model: str, backend: str, L: int, batch: int, n_items: i
 
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(description="Peak RSS of one inference call, in this fresh process.")
-    p.add_argument("--model", required=True, choices=["m2rec", "mamba4rec", "sasrec"])
+    p.add_argument("--model", required=True, choices=["m2rec", "mamba4rec", "sasrec", "m2rec_unfused"])
     p.add_argument("--backend", default="torch")
     p.add_argument("--L", type=int, required=True)
     p.add_argument("--batch", type=int, required=True)

@@ -5,9 +5,12 @@ it, per machine tag:
 
 * ``bench-<tag>-latency.png``  — inference latency per batch vs sequence length, log-log, a panel per batch;
 * ``bench-<tag>-memory.png``   — peak memory of one inference call vs sequence length;
-* ``bench-<tag>-speedup.png``  — M2Rec's speedup over each baseline (baseline latency / M2Rec latency);
+* ``bench-<tag>-speedup.png``  — M2Rec's speedup over each baseline (baseline latency / M2Rec latency):
+  M2Rec Triton where it ran (else each M2Rec backend) against M2Rec unfused (the paper's build on
+  mamba_ssm), Mamba4Rec (mamba_ssm's CUDA scan where installed) and SASRec;
 * ``bench-<tag>-ops.png``      — op-level speed relative to the torch reference, forward and fwd+bwd;
-* ``bench-<tag>-training.png`` — training-step throughput (sequences per second).
+* ``bench-<tag>-training.png`` — training-step throughput (sequences per second);
+* ``bench-<tag>-streaming.png`` — one streaming ``step`` beside a full ``scores()`` at the same L and batch.
 
 Every number comes from the results file; rows that were not run are named in the legend or on the bar
 with their reason, and the caption names the machine and the date of the run.
@@ -30,11 +33,12 @@ from matplotlib.lines import Line2D  # noqa: E402
 from .machine import short_label  # noqa: E402
 from .results import file_name, load_results  # noqa: E402
 
-MODEL_NAMES = {"m2rec": "M2Rec", "mamba4rec": "Mamba4Rec", "sasrec": "SASRec"}
-MODEL_COLORS = {"m2rec": "#1f77b4", "mamba4rec": "#ff7f0e", "sasrec": "#2ca02c"}
-BACKEND_COLORS = {"triton": "#1f77b4", "cpu": "#9467bd", "torch": "#7f7f7f", "torch.fft": "#2ca02c",
-                  "mamba_ssm": "#d62728", "mamba_ssm_ref": "#ff7f0e"}
-OPS = ("selective_scan", "selective_scan_final", "fft_filter", "gated_fusion")
+MODEL_NAMES = {"m2rec": "M2Rec", "mamba4rec": "Mamba4Rec", "sasrec": "SASRec", "m2rec_unfused": "M2Rec unfused"}
+MODEL_COLORS = {"m2rec": "#1f77b4", "mamba4rec": "#ff7f0e", "sasrec": "#2ca02c", "m2rec_unfused": "#9467bd"}
+BACKEND_COLORS = {"triton": "#1f77b4", "triton-dft": "#9467bd", "cpu": "#17becf", "torch": "#7f7f7f",
+                  "torch.fft": "#2ca02c", "mamba_ssm": "#d62728",
+                  "mamba_ssm_ref": "#ff7f0e"}
+OPS = ("selective_scan", "selective_scan_final", "fft_filter", "causal_filter", "gated_fusion")
 #: M2Rec's line style per kernel backend (the models' colours are fixed)
 M2REC_LINESTYLES = {"triton": "-", "cpu": "-."}
 PASS_TITLES = {"op_forward": "forward", "op_forward_backward": "forward + backward"}
@@ -47,7 +51,7 @@ def series_label(name: str, backend: str) -> str:
 def _style(name: str, backend: str) -> Dict:
     linestyle = M2REC_LINESTYLES.get(backend, "--") if name == "m2rec" else "-"
     return dict(color=MODEL_COLORS.get(name, "black"), linestyle=linestyle,
-                marker={"m2rec": "o", "mamba4rec": "s", "sasrec": "^"}.get(name, "x"))
+                marker={"m2rec": "o", "mamba4rec": "s", "sasrec": "^", "m2rec_unfused": "D"}.get(name, "x"))
 
 
 def _caption(fig, data: Dict, source: Path, extra: str = "") -> None:
@@ -180,7 +184,7 @@ def plot_speedup(data: Dict, source: Path, out: Path) -> Path:
     fig, axes = _panels(max(len(batches), 1))
     for ax, batch in zip(axes, batches):
         series = groups[batch]
-        m2rec = {k: v for k, v in series.items() if k[0] == "m2rec"}
+        m2rec = _speedup_subjects(series)
         baselines = {k: v for k, v in series.items() if k[0] != "m2rec"}
         for (mname, mback), mpts in sorted(m2rec.items()):
             m_by_L = {p["L"]: float(p["median_ms"]) for p in mpts}
@@ -209,7 +213,7 @@ def plot_speedup(data: Dict, source: Path, out: Path) -> Path:
         ax.set_ylabel("speedup (baseline latency / M2Rec latency)")
         ax.grid(True, which="both", alpha=0.3)
     handles, labels = _merged_handles(axes)
-    nr_h, nr_l = _not_run_handles([r for r in data["rows"] if r["name"] == "m2rec"], "inference")
+    nr_h, nr_l = _not_run_handles([r for r in data["rows"] if not _budget_skip(r)], "inference")
     fig.legend(handles + nr_h, labels + nr_l, fontsize=8, loc="center right", frameon=False)
     fig.suptitle("Speedup of M2Rec over each baseline at inference (> 1: M2Rec is faster)")
     _caption(fig, data, source, "Ratio of median latencies per batch at the same L and batch.")
@@ -219,13 +223,25 @@ def plot_speedup(data: Dict, source: Path, out: Path) -> Path:
     return out
 
 
+def _speedup_subjects(series: Dict[Tuple[str, str], List[Dict]]) -> Dict[Tuple[str, str], List[Dict]]:
+    """The M2Rec series a speedup is computed for: M2Rec Triton where it ran (the product; the baselines,
+    M2Rec unfused among them, are what it is measured against), else every M2Rec backend that ran."""
+    m2rec = {k: v for k, v in series.items() if k[0] == "m2rec"}
+    triton = {k: v for k, v in m2rec.items() if k[1] == "triton"}
+    return triton or m2rec
+
+
+def _budget_skip(row: Dict) -> bool:
+    return "time budget" in str(row.get("reason", ""))
+
+
 def _ms(v: float) -> str:
     return f"{v:.0f} ms" if v >= 100 else f"{v:.3g} ms"
 
 
 def plot_ops(data: Dict, source: Path, out: Path) -> Path:
     rows = [r for r in data["rows"] if r["kind"] in PASS_TITLES]
-    order = ("triton", "cpu", "torch", "torch.fft", "mamba_ssm", "mamba_ssm_ref")
+    order = ("triton", "triton-dft", "cpu", "torch", "torch.fft", "mamba_ssm", "mamba_ssm_ref")
     backends = [b for b in order if any(r["backend"] == b for r in rows)]
     ran = {b for b in backends if any(r["backend"] == b and r["status"] == "ok" for r in rows)}
     fig, axes = _panels(2, width=6.4, height=4.8)
@@ -326,6 +342,55 @@ def plot_training(data: Dict, source: Path, out: Path) -> Path:
     return out
 
 
+def plot_streaming(data: Dict, source: Path, out: Path) -> Path:
+    rows = data["rows"]
+    stream = sorted((r for r in rows if r["kind"] == "streaming"),
+                    key=lambda r: (r["name"], r["backend"], r["batch"], r["L"]))
+    full = {(r["name"], r["backend"], r["L"], r["batch"]): r for r in rows
+            if r["kind"] == "inference" and r["status"] == "ok"}
+    fig, axes = _panels(1, width=8.5, height=4.8)
+    ax = axes[0]
+    width, values, notes = 0.38, [1.0], {}
+    for i, r in enumerate(stream):
+        key = (r["name"], r["backend"], r["L"], r["batch"])
+        if r["status"] != "ok":
+            ax.bar(i, 1.0, 2 * width, color="white", edgecolor="#999999", hatch="//", linewidth=0.6)
+            ax.text(i, 1.0, "not run", ha="center", va="bottom", fontsize=7)
+            notes.setdefault(series_label(r["name"], r["backend"]), r["reason"])
+            continue
+        step_ms = float(r["median_ms"])
+        bars = [(i + width / 2, step_ms, MODEL_COLORS.get(r["name"], "black"), "step")]
+        scores = full.get(key)
+        if scores is not None:
+            bars.insert(0, (i - width / 2, float(scores["median_ms"]), "#bbbbbb", "scores()"))
+            ax.text(i, float(scores["median_ms"]) * 2.2, f"step = 1/{float(scores['median_ms']) / step_ms:.3g}\nof scores()",
+                    ha="center", va="bottom", fontsize=8)
+        for x, v, color, label in bars:
+            values.append(v)
+            ax.bar(x, v, width, color=color, label=label)
+            ax.text(x, v, _ms(v), ha="center", va="bottom", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(stream)))
+    ax.set_xticklabels([f"{series_label(r['name'], r['backend'])}\nL={r['L']}, batch={r['batch']}" for r in stream],
+                       fontsize=8)
+    ax.set_ylim(min(values) / 3, max(values) * 12)
+    ax.set_ylabel("latency per batch (ms, median, log scale)")
+    ax.grid(True, axis="y", which="major", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    fig.legend(list(uniq.values()), list(uniq.keys()), fontsize=8, loc="center right", frameon=False)
+    ax.set_title("Streaming: one new item per user (step) vs scoring the whole history (scores())")
+    extra = (f"step: M2Rec.step after a prefill of L - 1 items per user, scores over the catalogue "
+             f"({_n_items(data)} items) included; scores(): the inference row at the same L and batch.")
+    if notes:
+        extra += "\nNot run: " + "; ".join(f"{k}: {why}" for k, why in notes.items())
+    _caption(fig, data, source, "\n".join(textwrap.fill(part, 150) for part in extra.split("\n")))
+    fig.tight_layout(rect=(0, 0.14, 0.85, 1))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_results(results_json: Path) -> List[Path]:
     """Draw every figure for one results file; returns the PNG paths."""
     results_json = Path(results_json)
@@ -333,7 +398,7 @@ def plot_results(results_json: Path) -> List[Path]:
     tag, out_dir = data.get("machine_tag", "cpu"), results_json.parent
     pngs = []
     for what, fn in (("latency", plot_latency), ("memory", plot_memory), ("speedup", plot_speedup),
-                     ("ops", plot_ops), ("training", plot_training)):
+                     ("ops", plot_ops), ("training", plot_training), ("streaming", plot_streaming)):
         pngs.append(fn(data, results_json, out_dir / file_name(tag, f"{what}.png")))
     return pngs
 

@@ -22,7 +22,7 @@ import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 from .grids import D_MODEL, cpu_threads, current_grid, machine_tag
 from .machine import machine_info
@@ -38,19 +38,27 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
 
 
-def run_pytest(out: Path, tag: str, work: Path, extra: List[str]) -> Dict:
-    raw = out / file_name(tag, "raw.json")
+def run_pytest(out: Path, tag: str, work: Path, extra: List[str], targets: Sequence[str] = ("bench/",),
+               raw: Optional[Path] = None, env_extra: Optional[Dict[str, str]] = None,
+               runner: Optional[Callable[[List[str], Dict[str, str]], int]] = None) -> Dict:
+    """Run the bench pytest on ``targets`` (files or node ids); pytest-benchmark's JSON goes to ``raw``
+    (default ``out/bench-<tag>-raw.json``). ``runner(cmd, env) -> exit status`` replaces the plain
+    subprocess call (gpu-check logs and bounds it)."""
+    raw = raw or out / file_name(tag, "raw.json")
     not_run_file, junit = work / "not-run.json", work / "junit.xml"
-    env = dict(os.environ, M2REC_BENCH_NOT_RUN_FILE=str(not_run_file))
+    env = dict(os.environ, M2REC_BENCH_NOT_RUN_FILE=str(not_run_file), **(env_extra or {}))
     if tag == "cpu":  # the math libraries follow the same thread count as torch (grids.cpu_threads)
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(cpu_threads())
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", f"--benchmark-json={raw}",
+    cmd = [sys.executable, "-m", "pytest", *targets, "--benchmark-only", f"--benchmark-json={raw}",
            f"--junitxml={junit}", "-q", "-p", "no:cacheprovider", *extra]
-    log("$ " + " ".join(cmd))
     t0 = time.time()
-    rc = subprocess.call(cmd, cwd=ROOT, env=env)
+    if runner is not None:
+        rc = runner(cmd, env)
+    else:
+        log("$ " + " ".join(cmd))
+        rc = subprocess.call(cmd, cwd=ROOT, env=env)
     log(f"pytest finished in {time.time() - t0:.0f} s (exit {rc})")
     raw_data = json.loads(raw.read_text()) if raw.exists() else {"benchmarks": []}
     not_run = json.loads(not_run_file.read_text()) if not_run_file.exists() else []

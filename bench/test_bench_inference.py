@@ -1,8 +1,9 @@
 """Model inference, the main benchmark: last-position scores over the whole catalogue, in inference mode.
 
 Rows: M2Rec on the Triton backend (CUDA only) and on the torch backend, Mamba4Rec (the real
-``mamba_ssm.Mamba`` where its CUDA scan exists, else ``MambaMixer``; ``impl`` records which) and SASRec
-(SDPA), over the grid of ``bench/grids.py``. Latency per batch is pytest-benchmark's statistic; the
+``mamba_ssm.Mamba`` where its CUDA scan exists, else ``MambaMixer``; ``impl`` records which), SASRec
+(SDPA) and "M2Rec, unfused" (the paper's build on mamba_ssm, ``bench/unfused_m2rec.py``), over the grid of
+``bench/grids.py``. Latency per batch is pytest-benchmark's statistic; the
 tidy results divide it by the batch for the per-sequence latency. Peak memory: on CUDA measured here
 after a warm-up call, before the timing; on CPU by ``bench/memory_probe.py`` in a fresh process per configuration (run by
 ``bench/run_suite.py``), never inside the timed region.

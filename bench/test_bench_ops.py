@@ -8,8 +8,14 @@ Backends compared per op:
   ``selective_scan_ref``, the only mamba_ssm path on a CPU);
 * ``selective_scan_final`` (forward only: the output at each sequence's last step and the final state,
   what last-position inference needs) — ``cpu`` and ``torch``;
-* ``fft_filter`` (causal mode, K = L taps, n_fft = next power of two >= 2L-1, as the model) —
-  ``triton``, ``torch`` and ``torch.fft`` (the plain rfft/irfft formula FMLP-Rec uses, no checks);
+* ``fft_filter`` (causal weight, K = L taps, n_fft = next power of two >= 2L-1) — ``triton`` (the direct
+  kernel on the taps irfft(W) for L <= 256, over the whole L × L matrix), ``triton-dft`` (the dense-DFT
+  kernel, which fft_filter no longer routes to: timed so that a GPU run can confirm the static estimate
+  behind that rule, ``freq_filter/paths.py``), ``torch`` and ``torch.fft`` (the plain rfft/irfft formula
+  FMLP-Rec uses, no checks);
+* ``causal_filter`` (K = L taps: the model's causal filter) — ``triton`` (direct kernel, L²/2 per row and
+  channel, for L <= 256; torch.fft above), ``torch`` (FFT with a written-out backward) and ``torch.fft``
+  (rfft of the kernel and the plain formula under autograd);
 * ``gated_fusion`` (3 branches) — ``triton`` and ``torch`` (there is no ecosystem op).
 
 Forward runs under ``torch.no_grad``; forward+backward backpropagates a fixed random output gradient into
@@ -24,8 +30,8 @@ import torch
 
 from m2rec_kernels.freq_filter import causal_n_fft, causal_weight
 
-from .availability import (cpu_scan_not_run_reason, cpu_scan_note, mamba_cuda_scan, mamba_reference_scan,
-                           triton_not_run_reason)
+from .availability import (budget_not_run_reason, cpu_scan_not_run_reason, cpu_scan_note, mamba_cuda_scan,
+                           mamba_reference_scan, triton_not_run_reason)
 from .grids import smoke_mode
 from .memory_probe import cuda_peak_mb
 from .model_rows import CUDA_MEM_METHOD
@@ -35,7 +41,8 @@ PASSES = ("forward", "forward_backward")
 CASES = [
     ("selective_scan", "triton"), ("selective_scan", "cpu"), ("selective_scan", "torch"),
     ("selective_scan", "mamba_ssm"), ("selective_scan", "mamba_ssm_ref"),
-    ("fft_filter", "triton"), ("fft_filter", "torch"), ("fft_filter", "torch.fft"),
+    ("fft_filter", "triton"), ("fft_filter", "triton-dft"), ("fft_filter", "torch"), ("fft_filter", "torch.fft"),
+    ("causal_filter", "triton"), ("causal_filter", "torch"), ("causal_filter", "torch.fft"),
     ("gated_fusion", "triton"), ("gated_fusion", "torch"),
 ]
 
@@ -81,7 +88,29 @@ def _filter_call(backend):
         return plain
     from m2rec_kernels import fft_filter
 
+    if backend == "triton-dft":  # the dense-DFT kernel, no longer routed: timed so a GPU run can settle it
+        from m2rec_kernels.freq_filter.function import fft_filter_triton
+
+        return lambda a: fft_filter_triton(a["x"], a["weight"], a["n_fft"])
     return lambda a: fft_filter(a["x"], a["weight"], a["n_fft"], backend=backend)
+
+
+def _causal_inputs(batch, L, d, device, requires_grad):
+    kernel = (torch.randn(L, d, device=device) * 0.02).requires_grad_(requires_grad)
+    return dict(x=torch.randn(batch, L, d, device=device).requires_grad_(requires_grad), kernel=kernel)
+
+
+def _causal_call(backend):
+    if backend == "torch.fft":
+        def plain(a):
+            L = a["x"].shape[1]
+            n = causal_n_fft(L, L)
+            spec = torch.fft.rfft(a["x"], n=n, dim=1) * torch.fft.rfft(a["kernel"], n=n, dim=0)
+            return torch.fft.irfft(spec, n=n, dim=1)[:, :L]
+        return plain
+    from m2rec_kernels import causal_filter
+
+    return lambda a: causal_filter(a["x"], a["kernel"], backend=backend)
 
 
 def _fusion_inputs(batch, L, d, device, requires_grad):
@@ -122,6 +151,11 @@ def _case(op, backend, pass_, grid, device):
         args = _filter_inputs(batch, L, d, device, backward)
         call = _filter_call(backend)
         shape = dict(batch=batch, L=L, d=d, n_fft=args["n_fft"])
+    elif op == "causal_filter":
+        batch, L, d = grid.seq_op
+        args = _causal_inputs(batch, L, d, device, backward)
+        call = _causal_call(backend)
+        shape = dict(batch=batch, L=L, d=d, K=L)
     else:
         batch, L, d = grid.seq_op
         args = _fusion_inputs(batch, L, d, device, backward)
@@ -153,9 +187,11 @@ SLOW_REF_BACKWARD = ("mamba_ssm's selective_scan_ref backward is quadratic in L 
 
 
 def _unavailable(op, backend, pass_, device):
+    if budget_not_run_reason() is not None:
+        return budget_not_run_reason()
     if backend == "mamba_ssm_ref" and pass_ == "forward_backward" and device.type == "cpu" and not smoke_mode():
         return SLOW_REF_BACKWARD
-    if backend == "triton":
+    if backend in ("triton", "triton-dft"):
         return triton_not_run_reason(device)
     if backend == "cpu":
         return cpu_scan_not_run_reason(device)
@@ -173,8 +209,10 @@ def _impl_note(op, backend):
         return mamba_cuda_scan()[1]
     if backend == "mamba_ssm_ref":
         return mamba_reference_scan()[1]
+    if backend == "triton-dft":
+        return "dense-DFT Triton kernel (freq_filter/kernels.py), not routed by fft_filter (paths.py)"
     if backend == "torch.fft":
-        return "plain torch.fft.rfft/irfft (FMLP-Rec formula)"
+        return "plain torch.fft.rfft/irfft (FMLP-Rec formula)" + (", rfft of the kernel" if op == "causal_filter" else "")
     if backend == "cpu":
         return f"m2rec_kernels.{op}(backend='cpu'): {cpu_scan_note()}"
     return f"m2rec_kernels.{op}(backend={backend!r})"
@@ -199,16 +237,18 @@ def test_op(benchmark, grid, bench_dev, not_run, op, backend, pass_):
     run_timed(benchmark, fn, bench_dev, grid)
 
 
-FINAL_BACKENDS = ("cpu", "torch")
+FINAL_BACKENDS = ("triton", "cpu", "torch")
 
 
 @pytest.mark.parametrize("backend", FINAL_BACKENDS)
 def test_selective_scan_final(benchmark, grid, bench_dev, not_run, backend):
-    """``selective_scan_final`` forward (no gradients): it never forms the per-step outputs."""
+    """``selective_scan_final`` forward (no gradients): the compiled CPU kernel never forms the per-step
+    outputs; the reference skips them too."""
     batch, L, d, N = grid.scan
     fields = dict(kind="op_forward", name="selective_scan_final", backend=backend, device=bench_dev.type,
                   batch=batch, L=L)
-    reason = cpu_scan_not_run_reason(bench_dev) if backend == "cpu" else None
+    reason = budget_not_run_reason() or {"triton": triton_not_run_reason, "cpu": cpu_scan_not_run_reason}.get(
+        backend, lambda _: None)(bench_dev)
     if reason is not None:
         not_run(reason, **fields)
     from m2rec_kernels import selective_scan_final
@@ -222,4 +262,8 @@ def test_selective_scan_final(benchmark, grid, bench_dev, not_run, backend):
     benchmark.group = "selective_scan_final forward"
     benchmark.extra_info.update(fields, impl=_impl_note("selective_scan_final", backend),
                                 shape=dict(batch=batch, L=L, d=d, d_state=N), dtype="float32")
+    if bench_dev.type == "cuda":
+        forward()  # warm-up: Triton compilation stays out of the peak
+        benchmark.extra_info["peak_mem_mb"] = cuda_peak_mb(forward, bench_dev)
+        benchmark.extra_info["mem_method"] = CUDA_MEM_METHOD
     run_timed(benchmark, forward, bench_dev, grid)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from .availability import cpu_scan_not_run_reason, triton_not_run_reason
-from .memory_probe import cpu_peak_mb, probe_in_subprocess
+from .memory_probe import probe_in_subprocess
 from .plots import plot_results
 from .results import attach_memory, load_results, rows_from_not_run, rows_from_pytest_benchmark, write_results
 
@@ -23,13 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cpu_peak_sees_a_known_allocation():
-    n_bytes = 64 * 2 ** 20
-
-    def allocate():
-        t = torch.ones(n_bytes // 4)  # touched pages: resident
-        return float(t[::4096].sum())
-
-    mb, method = cpu_peak_mb(allocate)
+    # cpu_peak_mb is meant for a fresh process (module doc): inside pytest's process, memory freed by
+    # earlier tests can be reused without raising the high-water mark, so measure in a new interpreter.
+    code = (
+        "import json, torch\n"
+        "from bench.memory_probe import cpu_peak_mb\n"
+        "def allocate():\n"
+        "    t = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB of touched pages: resident\n"
+        "    return float(t[::4096].sum())\n"
+        "print(json.dumps(cpu_peak_mb(allocate)))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    mb, method = json.loads(done.stdout.strip().splitlines()[-1])
     if "not resettable" in method:
         pytest.skip("this kernel refuses /proc/self/clear_refs: the in-process peak cannot be isolated")
     assert 63.0 <= mb < 64.0 + 32.0, (mb, method)
@@ -69,18 +76,20 @@ def _example_rows():
         _raw(0.004, 64, kind="op_forward", name="fft_filter", backend="torch", L=200, device="cpu"),
         _raw(0.002, 64, kind="op_forward", name="fft_filter", backend="torch.fft", L=200, device="cpu"),
         _raw(0.1, 64, kind="training", name="sasrec", backend="sdpa", L=50, device="cpu"),
+        _raw(0.01, 64, kind="streaming", name="m2rec", backend="torch", L=200, device="cpu"),
         {"extra_info": {}, "stats": {}},  # someone else's benchmark: ignored
     ]}
     not_run = [dict(kind="inference", name="m2rec", backend="triton", L=200, batch=64, reason="no CUDA"),
+               dict(kind="streaming", name="m2rec", backend="triton", L=200, batch=64, reason="no CUDA"),
                dict(kind="op_forward", name="fft_filter", backend="triton", L=200, batch=64, reason="no CUDA")]
     return rows_from_pytest_benchmark(raw) + rows_from_not_run(not_run)
 
 
 def test_tidy_rows_derive_per_sequence_and_throughput():
     rows = _example_rows()
-    assert len(rows) == 18
-    r = next(r for r in rows if r["name"] == "m2rec" and r["backend"] == "torch" and r["L"] == 200
-             and r["status"] == "ok")
+    assert len(rows) == 20
+    r = next(r for r in rows if r["kind"] == "inference" and r["name"] == "m2rec" and r["backend"] == "torch"
+             and r["L"] == 200 and r["status"] == "ok")
     assert r["mean_ms"] == pytest.approx(500.0)
     assert r["per_seq_ms"] == pytest.approx(500.0 / 64)
     assert r["seq_per_s"] == pytest.approx(64 / 0.5)
@@ -116,7 +125,8 @@ def test_results_round_trip_and_plots(tmp_path):
     data = load_results(paths["json"])
     assert data["machine"]["cpu_model"] == "Test CPU" and len(data["rows"]) == len(rows)
     pngs = plot_results(paths["json"])
-    assert [p.name for p in pngs] == [f"bench-cpu-{w}.png" for w in ("latency", "memory", "speedup", "ops", "training")]
+    assert [p.name for p in pngs] == [f"bench-cpu-{w}.png" for w in ("latency", "memory", "speedup", "ops", "training",
+                                                                      "streaming")]
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
 
@@ -141,13 +151,14 @@ def test_run_suite_smoke_end_to_end(tmp_path):
     env = dict(os.environ, M2REC_BENCH_SMOKE="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run([sys.executable, "-m", "bench.run_suite", "--out", str(tmp_path), "--",
-                           "-k", "sasrec or (fft_filter and not backward) or m2rec-cpu",
-                           "bench/test_bench_inference.py", "bench/test_bench_ops.py"],
+                           "-k", "sasrec or (fft_filter and not backward) or stream or m2rec-cpu",
+                           "bench/test_bench_inference.py", "bench/test_bench_ops.py", "bench/test_bench_streaming.py"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = load_results(tmp_path / "bench-cpu-results.json")
     ok = {(r["kind"], r["name"], r["backend"]) for r in data["rows"] if r["status"] == "ok"}
     assert ("inference", "sasrec", "sdpa") in ok and ("op_forward", "fft_filter", "torch") in ok
+    assert ("streaming", "m2rec", "torch") in ok
     # compiled Triton is unavailable here and the interpreter is never timed: recorded, not run
     triton = [r for r in data["rows"] if r["backend"] == "triton"]
     assert triton and all(r["status"] == "not run" and r["reason"] for r in triton)
@@ -160,7 +171,8 @@ def test_run_suite_smoke_end_to_end(tmp_path):
         assert m2rec_cpu["status"] == "ok" and m2rec_cpu["peak_mem_mb"] is not None
     else:
         assert m2rec_cpu["status"] == "not run" and "compiled CPU scan" in m2rec_cpu["reason"]
-    for what in ("raw.json", "results.csv", "latency.png", "memory.png", "speedup.png", "ops.png", "training.png"):
+    for what in ("raw.json", "results.csv", "latency.png", "memory.png", "speedup.png", "ops.png", "training.png",
+                 "streaming.png"):
         assert (tmp_path / f"bench-cpu-{what}").exists(), what
 
 

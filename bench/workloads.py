@@ -18,8 +18,13 @@ from .grids import D_MODEL, D_STATE, TEXT_DIM
 
 #: (model name, backend label) of every model-level row. The label is what the plots show: M2Rec on
 #: each kernel backend (Triton on CUDA, the compiled scan on CPU, the PyTorch reference); Mamba4Rec on
-#: whatever Mamba and scan "auto" resolves to (the label and ``impl`` say which); SASRec on SDPA.
-MODEL_CASES = (("m2rec", "triton"), ("m2rec", "cpu"), ("m2rec", "torch"), ("mamba4rec", "auto"), ("sasrec", "sdpa"))
+#: whatever Mamba and scan "auto" resolves to (the label and ``impl`` say which: mixer-cpu is the
+#: compiled CPU scan); SASRec on SDPA; "M2Rec, unfused" (``bench/unfused_m2rec.py``) on mamba_ssm's
+#: Mamba, labelled by the scan it ran.
+MODEL_CASES = (("m2rec", "triton"), ("m2rec", "cpu"), ("m2rec", "torch"), ("mamba4rec", "auto"),
+               ("sasrec", "sdpa"), ("m2rec_unfused", "mamba_ssm"))
+#: the streaming rows: M2Rec on each of its kernel backends
+STREAM_CASES = tuple(case for case in MODEL_CASES if case[0] == "m2rec")
 
 
 def random_text_table(n_items: int, dim: int = TEXT_DIM, seed: int = 0) -> torch.Tensor:
@@ -54,11 +59,21 @@ def build_bench_model(name: str, backend: str, n_items: int, max_len: int,
         scan = f", {cpu_scan_note()}" if label == "mixer-cpu" else ""
         notes = {"impl": f"Mamba4Rec, 1 layer, d_state {D_STATE}, Mamba = {model.mamba_impl} ({label}{scan})",
                  "backend_label": label}
+    elif name == "m2rec_unfused":
+        from .unfused_m2rec import UnfusedM2Rec, mamba_scan_label
+
+        label, how = mamba_scan_label(device)
+        if label is None:
+            raise RuntimeError(f"M2Rec unfused cannot run on {device.type}: {how}")
+        model = UnfusedM2Rec(n_items, d_model=D_MODEL, n_layers=1, max_len=max_len, d_state=D_STATE,
+                             text_embeddings=random_text_table(n_items))
+        notes = {"impl": f"M2Rec unfused (the paper's build): {how}; torch.fft filter; gate, residual, "
+                         f"LayerNorm as torch ops; 1 layer, d_state {D_STATE}, causal filter", "backend_label": label}
     elif name == "sasrec":
         model = build_model("sasrec", n_items, d_model=D_MODEL, max_len=max_len)
         notes = {"impl": "SASRec, 2 layers, 2 heads, F.scaled_dot_product_attention"}
     else:
-        raise ValueError(f"unknown benchmark model {name!r}; expected one of m2rec, mamba4rec, sasrec")
+        raise ValueError(f"unknown benchmark model {name!r}; expected one of m2rec, mamba4rec, sasrec, m2rec_unfused")
     return model.to(device), notes
 
 
@@ -77,6 +92,23 @@ def inference_call(model: torch.nn.Module, item_seq, lengths):
     def call():
         with torch.inference_mode():
             return model.scores(item_seq, lengths)
+
+    return call
+
+
+def stream_step_call(model: torch.nn.Module, item_seq, lengths):
+    """The timed streaming job: ``model.step`` with one new item per user (item_seq[:, -1]) on a state
+    warmed by ``prefill`` of the history before it (item_seq[:, :-1]), in inference mode. Each timed call
+    takes one more item on the same state: the state has a fixed size (the filter's history is a ring of
+    max_len inputs), so every step costs the same whatever the number of items before it."""
+    model.eval()
+    with torch.inference_mode():
+        _, state = model.prefill(item_seq[:, :-1], lengths - 1)
+    items = item_seq[:, -1].contiguous()
+
+    def call():
+        with torch.inference_mode():
+            return model.step(state, items)[0]
 
     return call
 

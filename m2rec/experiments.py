@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -23,6 +24,18 @@ RUNS: List[Tuple[str, List[str]]] = [
     ("m2rec-no-frequency", ["--model", "m2rec", "--no-frequency"]),
 ]
 METRICS = ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20")
+
+
+def uses_text(train_args: List[str]) -> bool:
+    """Whether a run's model reads the item-text table (M2Rec with its semantic branch)."""
+    model = train_args[train_args.index("--model") + 1]
+    return model == "m2rec" and "--no-text" not in train_args
+
+
+def data_slug(data: str) -> str:
+    """The data set's name for file names: ``ml-100k`` -> ``ml100k``, ``/data/ml-1m/`` -> ``ml1m``."""
+    name = Path(str(data).rstrip("/\\")).name or "data"
+    return re.sub(r"[^A-Za-z0-9]+", "", name) or "data"
 
 
 def machine_info() -> Dict[str, object]:
@@ -93,18 +106,28 @@ def markdown_table(report: Dict) -> str:
 
 
 def quality_report(args) -> int:
-    out_json = Path(args.output)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    runs_dir = Path(args.runs_dir)
+    from .atomic_io import write_text_atomic
+    from .cli import check_output_file
+    from .run_folder import SUMMARY, check_output_dir
+    slug = data_slug(args.data)
+    out_json = Path(args.output or f"reports/quality-{slug}.json")
+    runs_dir = Path(args.runs_dir or f"runs/quality-{slug}")
     budget = ["--data", args.data, "--max-len", str(args.max_len), "--epochs", str(args.epochs),
               "--batch-size", str(args.batch_size), "--patience", str(args.patience),
               "--seed", str(args.seed), "--device", args.device, "--no-progress"]
     if args.threads:
         budget += ["--threads", str(args.threads)]
+    if args.overwrite:
+        budget += ["--overwrite"]
     selected = [r for r in RUNS if not args.only or r[0] in args.only]
     unknown = set(args.only or ()) - {r[0] for r in RUNS}
     if unknown:
         raise ValueError(f"--only: unknown run(s) {sorted(unknown)}; known: {[r[0] for r in RUNS]}")
+    # Every refusal before the first run, not after an hour of training.
+    check_output_file(str(out_json), "--output")
+    for name, _ in selected:
+        check_output_dir(runs_dir / name, args.overwrite, option="--runs-dir")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
     report: Dict[str, object] = {
         "data": args.data, "machine": machine_info(),
         "budget": {"max_len": args.max_len, "max_epochs": args.epochs, "batch_size": args.batch_size,
@@ -120,18 +143,21 @@ def quality_report(args) -> int:
     with open(log_path, "w") as log:
         log.write(f"# m2rec quality report, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
         log.write(f"# machine: {json.dumps(report['machine'])}\n")
-        # --recompute: the report times the encoding itself, not a cache hit
-        embed_argv = ["embed-items", "--data", args.data, "--recompute"]
-        text, seconds = _run(embed_argv, log)
-        lines = text.splitlines()
-        result = json.loads("\n".join(lines[lines.index("{"):]))  # the JSON the command printed last
-        report["embed_items"] = {"command": "m2rec " + shlex.join(embed_argv),
-                                 "wall_seconds": round(seconds, 1), "result": result}
+        if any(uses_text(extra) for _, extra in selected):  # only models with a semantic branch need it
+            # --recompute: the report times the encoding itself, not a cache hit
+            embed_argv = ["embed-items", "--data", args.data, "--recompute"]
+            if args.threads:
+                embed_argv += ["--threads", str(args.threads)]
+            text, seconds = _run(embed_argv, log)
+            lines = text.splitlines()
+            result = json.loads("\n".join(lines[lines.index("{"):]))  # the JSON the command printed last
+            report["embed_items"] = {"command": "m2rec " + shlex.join(embed_argv),
+                                     "wall_seconds": round(seconds, 1), "result": result}
         for name, extra in selected:
             out = runs_dir / name
             train_argv = ["train"] + extra + budget + ["--out", str(out)]
             _, train_seconds = _run(train_argv, log)
-            summary = json.loads((out / "train_summary.json").read_text())
+            summary = json.loads((out / SUMMARY).read_text())
             report.setdefault("dataset", summary["data"])
             eval_argv = ["evaluate", str(out / "checkpoint.pt"), "--output", str(out / "test.json")]
             if args.threads:
@@ -152,9 +178,9 @@ def quality_report(args) -> int:
             report["total_wall_seconds"] = round(time.perf_counter() - started, 1)
             if hasattr(os, "getloadavg"):
                 report["load_average_at_end"] = list(os.getloadavg())
-            out_json.write_text(json.dumps(report, indent=2) + "\n")  # partial results survive a crash
+            write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")  # partial results survive a crash
     table = markdown_table(report)
-    out_json.with_suffix(".md").write_text(
+    write_text_atomic(out_json.with_suffix(".md"),
         f"Test metrics on {args.data} (full ranking, leave-one-out), max_len {args.max_len}, "
         f"at most {args.epochs} epochs, patience {args.patience}, batch {args.batch_size}, seed {args.seed}; "
         f"{report['machine']['cpu']} ({report['machine']['cpu_count']} cores), torch "
@@ -164,22 +190,28 @@ def quality_report(args) -> int:
 
 
 def _read_history(out: Path) -> List[Dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line]
+    from .run_folder import LOG
+    return [json.loads(line) for line in (out / LOG).read_text().splitlines() if line]
 
 
 def add_quality_report_parser(sub) -> None:
+    from .cli import positive_int
     p = sub.add_parser("quality-report", help="train + evaluate all models and ablations, write the report")
     p.add_argument("--data", default="ml-100k")
-    p.add_argument("--output", default="reports/quality-ml100k.json",
-                   help="report JSON; the .md table and the .log go next to it")
-    p.add_argument("--runs-dir", default="runs/quality", help="where the checkpoints go")
-    p.add_argument("--max-len", type=int, default=50)
-    p.add_argument("--epochs", type=int, default=25)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--patience", type=int, default=8)
+    p.add_argument("--output", default=None,
+                   help="report JSON; the .md table and the .log go next to it (default "
+                        "reports/quality-<data>.json, e.g. reports/quality-ml100k.json)")
+    p.add_argument("--runs-dir", default=None,
+                   help="where the run folders go (default runs/quality-<data>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace earlier runs in the run folders (passed on to 'm2rec train')")
+    p.add_argument("--max-len", type=positive_int, default=50)
+    p.add_argument("--epochs", type=positive_int, default=25)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--patience", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=2025)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads of each command (default 1)")
     p.add_argument("--only", nargs="*", default=None, help="run only these (names: "
                    + ", ".join(r[0] for r in RUNS) + ")")
     p.set_defaults(func=quality_report)

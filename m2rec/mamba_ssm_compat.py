@@ -1,4 +1,5 @@
-"""Importing the real ``mamba_ssm`` where its CUDA extension is missing (DESIGN §8).
+"""Importing the real ``mamba_ssm`` where its CUDA extension is missing (DESIGN §8), and a
+``mamba_ssm.Mamba`` that shares a ``MambaMixer``'s parameters.
 
 mamba-ssm installs on a CPU-only torch (built without CUDA extensions), but ``import mamba_ssm`` then
 fails on ``import selective_scan_cuda``. For cross-checks we register an empty placeholder for that
@@ -12,6 +13,8 @@ import importlib
 import sys
 import types
 from typing import Optional, Tuple
+
+import torch
 
 _cache: Optional[Tuple[Optional[types.ModuleType], str]] = None
 
@@ -62,3 +65,22 @@ def selective_scan_ref():
     if mamba_ssm is None:
         return None
     return importlib.import_module("mamba_ssm.ops.selective_scan_interface").selective_scan_ref
+
+
+def tie_mamba_ssm(mixer: torch.nn.Module, twin: Optional[torch.nn.Module] = None, **kwargs) -> torch.nn.Module:
+    """A ``mamba_ssm.Mamba`` computing with ``mixer``'s (a ``MambaMixer``'s) own Parameter objects.
+
+    ``twin`` is a previous result to re-tie (a model conversion such as ``.to()`` may have replaced the
+    mixer's Parameters); ``kwargs`` go to ``mamba_ssm.Mamba`` (e.g. ``use_fast_path=False``). The twin
+    is returned, never registered as a submodule: its parameters are the mixer's."""
+    mamba_ssm, how = import_mamba_ssm()
+    if mamba_ssm is None:
+        raise RuntimeError(f"mamba_ssm is not importable: {how}")
+    if twin is None:
+        with torch.random.fork_rng(devices=[]):  # its own random init is discarded: keep the RNG stream
+            twin = mamba_ssm.Mamba(mixer.d_model, d_state=mixer.d_state, d_conv=mixer.d_conv, expand=mixer.expand,
+                                   dt_rank=mixer.dt_rank, **kwargs)
+    for name, p in mixer.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(owner) if owner else twin, attr, p)
+    return twin

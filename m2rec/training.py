@@ -4,13 +4,20 @@ Causal models are trained on all positions by default (every item of a training 
 predicted from the items before it); ``last_position`` switches to RecBole's one-target-per-prefix
 examples, which non-causal models (circular frequency filter) always use. After each epoch the model is
 evaluated on the validation split; the best epoch's weights are checkpointed, and training stops after
-``patience`` epochs without improvement or after ``epochs`` epochs.
+``patience`` epochs without improvement or after ``epochs`` epochs (:class:`EarlyStopping` decides).
+
+Everything the run writes goes through :class:`m2rec.run_folder.RunFolder` (atomic files; an earlier
+run in the folder is refused unless ``overwrite``). A run that diverges (non-finite loss or weights)
+raises :class:`TrainingDiverged`, and Ctrl-C raises :class:`TrainingInterrupted`; both say where the
+best checkpoint so far is, and the folder then holds that checkpoint, the log of the finished epochs
+and a summary whose ``stopped`` field says how the run ended.
 """
 from __future__ import annotations
 
-import json
+import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -20,12 +27,18 @@ import torch
 
 from m2rec_kernels._backend import check_backend_runs
 
-from .checkpoint import save_checkpoint
+from .checkpoint import data_source
 from .data import build_training_examples, iterate_batches, load_dataset
 from .evaluation import evaluate, needs_full_width
 from .models import MODELS, build_model
+from .run_folder import RunFolder, check_output_dir
 
 SELECTION_METRIC = "ndcg@10"
+
+
+def _option(field_name: str) -> str:
+    """The command-line spelling of a TrainConfig field (``batch_size`` -> ``--batch-size``)."""
+    return "--" + field_name.replace("_", "-")
 
 
 @dataclass
@@ -58,8 +71,10 @@ class TrainConfig:
     text_model_dir: Optional[str] = None
     cache_dir: Optional[str] = None
     progress: bool = True
+    overwrite: bool = False  # replace an earlier run in out_dir (else a non-empty out_dir is refused)
 
     def check(self) -> None:
+        """Every option, and the output folder, before any data are loaded (one-line ValueErrors)."""
         if self.model not in MODELS:
             raise ValueError(f"--model must be one of {sorted(MODELS)}, got {self.model!r}")
         if self.model != "m2rec":
@@ -69,17 +84,41 @@ class TrainConfig:
                                          ("--text-embeddings", self.text_embeddings, None)):
                 if value != default:
                     raise ValueError(f"{flag} applies to --model m2rec only, not {self.model}")
-        for name in ("max_len", "epochs", "batch_size", "patience", "eval_batch_size", "d_model"):
+        for name in ("max_len", "epochs", "batch_size", "patience", "eval_batch_size", "d_model", "k_core"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{_option(name)} must be a positive integer, got {value!r}")
+        for name in ("threads", "n_layers"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{_option(name)} must be a positive integer (or unset for the default), "
+                                 f"got {value!r}")
         if self.text_embeddings and not self.use_text:
             raise ValueError("--text-embeddings and --no-text contradict each other")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        self._check_model_options()
+        check_output_dir(self.out_dir, self.overwrite)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but torch sees no CUDA device")
         check_backend_runs(self.backend, self.device, "--backend")  # before any data is loaded
+
+    def _check_model_options(self) -> None:
+        """d_model, n_layers, dropout (and e.g. SASRec's heads dividing d_model) are checked by the
+        model's own constructor: build it once on the meta device (no memory, no data needed)."""
+        kwargs = model_kwargs_for(self, None)
+        kwargs.pop("backend", None)  # checked separately, with the device
+        try:
+            with torch.device("meta"):
+                build_model(self.model, 1, **kwargs)
+        except ValueError as e:
+            shown = {k: "default" if v is None else v for k, v in (("n_layers", self.n_layers),
+                                                                    ("dropout", self.dropout))}
+            raise ValueError(f"--model {self.model} with --d-model {self.d_model}, --n-layers "
+                             f"{shown['n_layers']}, --dropout {shown['dropout']}: {e}") from None
 
 
 @dataclass
@@ -90,6 +129,44 @@ class TrainResult:
     epochs_run: int
     train_seconds: float
     history: List[Dict[str, Any]] = field(default_factory=list)
+
+
+class _EndedEarly:
+    """Mixed into the exceptions that end a run early: ``str()`` is the one line to show the user;
+    ``checkpoint`` (None when no epoch finished) and ``best_epoch`` say what the run kept."""
+
+    def __init__(self, message: str, checkpoint: Optional[Path], best_epoch: int):
+        super().__init__(message)
+        self.checkpoint, self.best_epoch = checkpoint, best_epoch
+
+
+class TrainingDiverged(_EndedEarly, FloatingPointError):
+    """The loss or the weights became non-finite."""
+
+
+class TrainingInterrupted(_EndedEarly, KeyboardInterrupt):
+    """Ctrl-C during training; still a KeyboardInterrupt (not an Exception) for callers."""
+
+
+class EarlyStopping:
+    """The one place that decides early stopping: the best epoch so far by the selection metric
+    (higher is better), and whether ``patience`` epochs in a row failed to beat it."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best, self.best_epoch, self.bad_epochs = -math.inf, 0, 0
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Record ``epoch``'s validation value; True when it is the new best."""
+        if value > self.best:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
 
 
 def set_seed(seed: int) -> None:
@@ -103,9 +180,11 @@ def load_text_table(path: str, n_items: int) -> torch.Tensor:
     if not Path(path).is_file():
         raise FileNotFoundError(f"--text-embeddings {path}: no such file")
     try:
-        table = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--text-embeddings {path}: not a saved tensor ({type(e).__name__}: {e})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            table = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's message would suggest weights_only=False: never offered
+        raise ValueError(f"--text-embeddings {path}: not a tensor saved with torch.save ({type(e).__name__})") from None
     if not isinstance(table, torch.Tensor) or table.dim() != 2 or not table.dtype.is_floating_point:
         raise ValueError(f"--text-embeddings {path}: expected a 2-D float tensor (n_items + 1, d)")
     if table.shape[0] != n_items + 1:
@@ -138,8 +217,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     device = torch.device(cfg.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run = RunFolder(cfg.out_dir)
+    run.prepare(cfg.overwrite)
 
     data = load_dataset(cfg.data, k_core=cfg.k_core)
     s = data.summary()
@@ -174,12 +253,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     full_width = needs_full_width(model)
-    checkpoint = out_dir / "checkpoint.pt"
-    data_spec = {"spec": cfg.data, "k_core": cfg.k_core}
+    source = data_source(cfg.data, cfg.k_core)
     history: List[Dict[str, Any]] = []
-    best, best_epoch, bad_epochs = -1.0, 0, 0
+    stopper = EarlyStopping(cfg.patience)
+    stopped = "failed"  # how the run ended, for the summary; set on every normal way out
     started = time.perf_counter()
-    log_file = open(out_dir / "train_log.jsonl", "w")
+
+    def ended_early(kind, message: str):
+        return kind(f"{message}; {run.kept()}", run.checkpoint if run.checkpoint_epoch else None,
+                    run.checkpoint_epoch)
+
     try:
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -193,13 +276,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
                 inputs, lengths, targets = inputs.to(device), lengths.to(device), targets.to(device)
                 loss = model.loss(inputs, lengths, targets, all_positions=all_positions)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"epoch {epoch}: the training loss is {loss.item()}")
+                    raise ended_early(TrainingDiverged, f"epoch {epoch}: the training loss is {loss.item()}, "
+                                                        f"so training diverged (a smaller --lr may help)")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 n_targets = int((targets != 0).sum())
                 total += loss.item() * n_targets
                 count += n_targets
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise ended_early(TrainingDiverged, f"epoch {epoch}: the weights are no longer finite, so "
+                                                    f"training diverged (a smaller --lr may help)")
             train_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             valid = evaluate(model, data, "valid", cfg.max_len, cfg.eval_batch_size, device)
@@ -207,32 +294,38 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
                       "valid_seconds": time.perf_counter() - t1,
                       "valid": {k: v for k, v in valid.items() if k != "n_users"}}
             history.append(record)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            improved = valid[SELECTION_METRIC] > best
+            run.write_log(history)
+            improved = stopper.update(epoch, valid[SELECTION_METRIC])
+            if improved:
+                run.save_checkpoint(epoch, model, cfg.model, kwargs, data, source, {
+                    "train_config": asdict(cfg), "epoch": epoch, "valid": record["valid"],
+                    "text_embeddings": text_info})
             log(f"epoch {epoch:3d}  loss {record['loss']:.4f}  time {train_seconds:6.1f}s  valid "
                 f"HR@10 {valid['hr@10']:.4f}  NDCG@10 {valid['ndcg@10']:.4f}  MRR@10 {valid['mrr@10']:.4f}"
                 + ("  *" if improved else ""))
-            if improved:
-                best, best_epoch, bad_epochs = valid[SELECTION_METRIC], epoch, 0
-                save_checkpoint(checkpoint, model, cfg.model, kwargs, data, data_spec, {
-                    "train_config": asdict(cfg), "epoch": epoch, "valid": record["valid"],
-                    "text_embeddings": text_info})
-            else:
-                bad_epochs += 1
-                if bad_epochs >= cfg.patience:
-                    log(f"early stop: no better validation {SELECTION_METRIC} for {cfg.patience} epochs")
-                    break
+            if stopper.should_stop:
+                log(f"early stop: no better validation {SELECTION_METRIC} for {cfg.patience} epochs")
+                stopped = "early_stop"
+                break
+        else:
+            stopped = "max_epochs"
+    except TrainingDiverged:
+        stopped = "diverged"
+        raise
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+        raise ended_early(TrainingInterrupted, f"interrupted during epoch {len(history) + 1}") from None
     finally:
-        log_file.close()
-    elapsed = time.perf_counter() - started
-    result = TrainResult(checkpoint, best_epoch, history[best_epoch - 1]["valid"], len(history), elapsed,
-                         history)
-    summary = {"checkpoint": str(checkpoint), "best_epoch": best_epoch, "best_valid": result.best_valid,
-               "epochs_run": len(history), "train_seconds": elapsed, "config": asdict(cfg),
-               "n_parameters": n_params, "all_positions": all_positions, "text_embeddings": text_info,
-               "data": s}
-    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    log(f"best epoch {best_epoch}: valid NDCG@10 {best:.4f}; {len(history)} epochs in {elapsed:.1f}s; "
-        f"checkpoint {checkpoint}")
-    return result
+        # What is on disk, not what was decided: Ctrl-C may land between the two.
+        elapsed = time.perf_counter() - started
+        best_epoch = run.checkpoint_epoch
+        best_valid = history[best_epoch - 1]["valid"] if best_epoch else None
+        run.write_summary({
+            "stopped": stopped, "checkpoint": str(run.checkpoint) if best_epoch else None,
+            "best_epoch": best_epoch, "best_valid": best_valid, "epochs_run": len(history),
+            "train_seconds": elapsed, "config": asdict(cfg), "n_parameters": n_params,
+            "all_positions": all_positions, "text_embeddings": text_info, "data": s,
+            "data_source": source})
+    log(f"best epoch {best_epoch}: valid NDCG@10 {stopper.best:.4f}; {len(history)} epochs in "
+        f"{elapsed:.1f}s; checkpoint {run.checkpoint}")
+    return TrainResult(run.checkpoint, best_epoch, best_valid, len(history), elapsed, history)

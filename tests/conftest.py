@@ -5,12 +5,18 @@ imports a kernel module, so that the Triton kernels run on CPU tensors (DESIGN Â
 M2REC_GPU_TESTS=1 to keep the kernels compiled.
 """
 import os
+import time
 
 if os.environ.get("M2REC_GPU_TESTS", "0") in ("", "0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from _interpreter_scan import install as _install_fast_scan  # noqa: E402
+
+    _install_fast_scan()  # tl.associative_scan sliced along its axis (tests/_interpreter_scan.py)
 
 
 def pytest_configure(config):
@@ -32,6 +38,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    # gpu-check (bench/gpu_check.py) bounds its correctness step: past this time the remaining tests
+    # are skipped (and say why) instead of the step being killed with no report.
+    deadline = os.environ.get("M2REC_TEST_DEADLINE", "")
+    if deadline and time.time() > float(deadline):
+        pytest.skip("gpu-check: the correctness step's time budget was spent before this test")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _text_embedding_cache(tmp_path_factory):
+    """Tests never write into the user's own cache folder (~/.cache/m2rec); subprocesses inherit it."""
+    if not os.environ.get("M2REC_CACHE_DIR"):
+        os.environ["M2REC_CACHE_DIR"] = str(tmp_path_factory.mktemp("m2rec-cache"))
 
 
 @pytest.fixture(autouse=True)

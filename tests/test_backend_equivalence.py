@@ -8,6 +8,7 @@ one (and back) — that is part of what is tested.
 import pytest
 import torch
 
+from _tolerance import assert_close
 from m2rec.layers import M2RecLayer
 from m2rec.models import M2Rec
 
@@ -49,21 +50,21 @@ def test_m2rec_layer_outputs_and_every_gradient_agree(filter_mode, L, max_len, s
 
     out_ref, gates_ref = ref(*inputs_ref, return_gates=True)
     out_tri, gates_tri = tri(*inputs_tri, return_gates=True)
-    torch.testing.assert_close(out_tri, out_ref, **FWD_TOL)
-    torch.testing.assert_close(gates_tri, gates_ref, **FWD_TOL)
+    assert_close(out_tri, out_ref, **FWD_TOL)
+    assert_close(gates_tri, gates_ref, **FWD_TOL)
 
     grad = torch.randn_like(out_ref)
     out_ref.backward(grad)
     out_tri.backward(grad)
     for name, a, b in zip(("h", "s"), inputs_ref, inputs_tri):
-        torch.testing.assert_close(b.grad, a.grad, **GRAD_TOL, msg=lambda m, name=name: f"d{name}: {m}")
+        assert_close(b.grad, a.grad, **GRAD_TOL, msg=lambda m, name=name: f"d{name}: {m}")
     tri_params = dict(tri.named_parameters())
     checked = 0
     for name, p in ref.named_parameters():
         assert p.grad is not None, f"torch backend: no gradient for {name}"
         q = tri_params[name].grad
         assert q is not None, f"triton backend: no gradient for {name}"
-        torch.testing.assert_close(q, p.grad, **GRAD_TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
+        assert_close(q, p.grad, **GRAD_TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
         checked += 1
     assert checked == len(tri_params)
 
@@ -77,4 +78,4 @@ def test_m2rec_scores_agree_between_backends():
     seq = torch.tensor([[3, 7, 1, 9, 12, 5, 0, 0, 0], [4, 4, 18, 2, 0, 0, 0, 0, 0]])
     lengths = torch.tensor([6, 4])
     with torch.no_grad():
-        torch.testing.assert_close(tri.scores(seq, lengths), ref.scores(seq, lengths), **FWD_TOL)
+        assert_close(tri.scores(seq, lengths), ref.scores(seq, lengths), **FWD_TOL)

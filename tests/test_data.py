@@ -81,6 +81,9 @@ def test_atomic_reader_without_timestamp_keeps_row_order(tmp_path):
     ("user_id\titem_id:token\n", 1, "not of the form name:type"),
     ("user_id:token\titem_id:tokn\n", 1, "unknown type 'tokn'"),
     ("", 1, "file is empty"),
+    (INTER_HEADER.replace("\t", ","), 1, "separated by commas; RecBole atomic files must be tab-separated"),
+    (INTER_HEADER.replace("\t", " "), 1, "separated by spaces; RecBole atomic files must be tab-separated"),
+    (INTER_HEADER.replace("\t", ";"), 1, "separated by semicolons; RecBole atomic files must be tab-separated"),
 ])
 def test_atomic_reader_errors_name_file_line_and_problem(tmp_path, content, line, problem):
     path = write(tmp_path / "bad.inter", content)
@@ -196,6 +199,44 @@ def test_sequences_are_chronological_with_ties_in_row_order_and_ids_remapped():
     assert data.sequences[0] == [remap[i] for i in ("20", "40", "30", "10")]
     assert data.sequences[1] == [remap[i] for i in ("10", "30", "9")]
     assert data.n_items == 5 and data.item_texts == [""] * 6
+
+
+# Ids that tie under a numeric-only key ("7", "07", "007"), non-ASCII digits that pass str.isdigit
+# but not int() ("²") or that int() reads as numbers ("٣" = 3), and plain text, upper before lower case.
+AWKWARD_IDS = ["007", "b", "10", "²", "7", "B", "010", "٣", "07", "8", "a"]
+AWKWARD_ORDER = ["007", "07", "7", "8", "010", "10", "B", "a", "b", "²", "٣"]
+
+
+def _awkward_inter(path: Path, ids=AWKWARD_IDS) -> Path:
+    """Each id is both a user (3 items) and an item (3 users), so nothing is filtered."""
+    n = len(ids)
+    rows = [f"{ids[u]}\t{ids[(u + s) % n]}\t1\t{s}\n" for u in range(n) for s in range(3)]
+    return write(path, INTER_HEADER + "".join(rows))
+
+
+def test_id_numbering_is_a_total_order_of_the_ids_text(tmp_path):
+    data = build_sequences(read_atomic(_awkward_inter(tmp_path / "ids.inter")), k_core=1)
+    assert data.item_ids == ["[PAD]"] + AWKWARD_ORDER
+    assert data.user_ids == AWKWARD_ORDER
+
+
+def test_id_numbering_does_not_depend_on_the_hash_seed(tmp_path):
+    """Set iteration order follows PYTHONHASHSEED; the numbering must not (ties such as "7"/"07" once
+    left it to the set)."""
+    import os
+    import subprocess
+    import sys
+    inter = _awkward_inter(tmp_path / "ids.inter", [i for i in AWKWARD_IDS if i.isascii()])
+    code = ("import json, sys; from m2rec.data import build_sequences, read_atomic; "
+            "d = build_sequences(read_atomic(sys.argv[1]), k_core=1); "
+            "print(json.dumps([d.item_ids, d.user_ids, d.sequences]))")
+    outs = set()
+    for seed in ("1", "3"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        proc = subprocess.run([sys.executable, "-c", code, str(inter)], env=env, capture_output=True,
+                              text=True, check=True)
+        outs.add(proc.stdout)
+    assert len(outs) == 1, "the numbering changed with PYTHONHASHSEED"
 
 
 def test_leave_one_out_split():

@@ -3,6 +3,7 @@ explicit convolution loops, FMLP-Rec's FilterLayer formula, autograd gradcheck."
 import pytest
 import torch
 
+from _tolerance import assert_close
 from m2rec_kernels.freq_filter import causal_n_fft, causal_weight, fft_filter
 
 
@@ -41,7 +42,7 @@ def test_causal_matches_explicit_convolution(L, K):
     k = torch.randn(K, 6, dtype=torch.float64)
     n_fft = causal_n_fft(L, K)
     y = fft_filter(x, causal_weight(k, n_fft), n_fft, backend="torch")
-    torch.testing.assert_close(y, causal_conv_loop(x, k), rtol=1e-10, atol=1e-10)
+    assert_close(y, causal_conv_loop(x, k), rtol=1e-10, atol=1e-10)
 
 
 def test_causal_n_fft_is_smallest_power_of_two():
@@ -57,7 +58,7 @@ def test_causal_any_long_enough_n_fft_gives_same_result():
     k = torch.randn(K, 5, dtype=torch.float64)
     outs = [fft_filter(x, causal_weight(k, n), n, backend="torch") for n in (L + K - 1, L + K, 32, 45, 64)]
     for y in outs[1:]:
-        torch.testing.assert_close(y, outs[0], rtol=1e-10, atol=1e-10)
+        assert_close(y, outs[0], rtol=1e-10, atol=1e-10)
     # too short a transform wraps the kernel around: the first outputs see the last inputs
     short = fft_filter(x, causal_weight(k, L), L, backend="torch")
     assert not torch.allclose(short, outs[0])
@@ -73,7 +74,7 @@ def test_causal_does_not_look_ahead():
         x2 = x.clone()
         x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:]) * 10
         y2 = fft_filter(x2, w, n_fft, backend="torch")
-        torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1], rtol=1e-9, atol=1e-9)
+        assert_close(y2[:, : t + 1], y[:, : t + 1], rtol=1e-9, atol=1e-9)
         if t + 1 < L:
             assert not torch.allclose(y2[:, t + 1:], y[:, t + 1:])
 
@@ -84,12 +85,12 @@ def test_circular_equals_fmlp_filter_layer_and_circular_convolution(L):
     x = torch.randn(3, L, d, dtype=torch.float64)
     w_real = torch.randn(L // 2 + 1, d, 2, dtype=torch.float64) * 0.1
     y = fft_filter(x, w_real, L, backend="torch")
-    torch.testing.assert_close(y, fmlp_filter_layer(x, w_real), rtol=1e-10, atol=1e-10)
+    assert_close(y, fmlp_filter_layer(x, w_real), rtol=1e-10, atol=1e-10)
     # the same operation as a circular convolution with the impulse response h = irfft(W) * sqrt(L)
     # (ortho forward and ortho inverse combine to the unscaled DFT, so W = rfft(h, ortho) * sqrt(L)
     # is the weight of a circular convolution with h)
     h = torch.fft.irfft(torch.view_as_complex(w_real), n=L, dim=0, norm="backward")
-    torch.testing.assert_close(y, circular_conv_loop(x, h), rtol=1e-10, atol=1e-10)
+    assert_close(y, circular_conv_loop(x, h), rtol=1e-10, atol=1e-10)
 
 
 def test_real_view_and_complex_weight_agree_in_value_and_gradient():
@@ -98,12 +99,12 @@ def test_real_view_and_complex_weight_agree_in_value_and_gradient():
     w_cplx = torch.view_as_complex(w_real.detach().clone()).requires_grad_(True)
     y1 = fft_filter(x, w_real, 12, backend="torch")
     y2 = fft_filter(x, w_cplx, 12, backend="torch")
-    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    assert_close(y1, y2, rtol=0, atol=0)
     g = torch.randn_like(y1)
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
     assert w_real.grad.shape == w_real.shape and w_cplx.grad.is_complex()
-    torch.testing.assert_close(torch.view_as_real(w_cplx.grad), w_real.grad)
+    assert_close(torch.view_as_real(w_cplx.grad), w_real.grad)
 
 
 @pytest.mark.parametrize("n_fft", [7, 10, 13])
@@ -119,7 +120,7 @@ def test_half_inputs_computed_in_fp32_and_returned_in_input_dtype():
     y32 = fft_filter(x, w, 16, backend="torch")
     y16 = fft_filter(x.half(), w, 16, backend="torch")
     assert y16.dtype == torch.float16
-    torch.testing.assert_close(y16.float(), y32, rtol=2e-3, atol=2e-3)
+    assert_close(y16.float(), y32, rtol=2e-3, atol=2e-3)
 
 
 def test_bad_inputs_raise_and_name_the_argument():

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from _tolerance import assert_close
 from m2rec_kernels.fusion import gated_fusion
 
 BATCH, LENGTH, DIM = 3, 37, 48  # odd on purpose: d is not a power of two, L is prime
@@ -86,8 +87,8 @@ def test_matches_naive_forward_and_backward(k, dtype, device):
     assert out.shape == (BATCH, LENGTH, DIM) and gates.shape == (BATCH, LENGTH, k)
     want_out, want_gates = naive_gated_fusion(*args, eps=1e-5)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.double(), want_out, **tol)
-    torch.testing.assert_close(gates.double(), want_gates, **tol)
+    assert_close(out.double(), want_out, **tol)
+    assert_close(gates.double(), want_gates, **tol)
 
     grad_out = torch.randn_like(out)
     got = _grads(out, leaves, grad_out)
@@ -95,7 +96,7 @@ def test_matches_naive_forward_and_backward(k, dtype, device):
     names = [f"branches[{i}]" for i in range(k)] + ["residual", "gate_weight", "gate_bias", "ln_weight", "ln_bias"]
     gtol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     for name, g, w in zip(names, got, want):
-        torch.testing.assert_close(g.double(), w.double(), **gtol, msg=lambda m, n=name: f"d{n}: {m}")
+        assert_close(g.double(), w.double(), **gtol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
@@ -105,15 +106,15 @@ def test_low_precision_inputs(dtype, tol):
     assert out.dtype == dtype and gates.dtype == dtype
     want_out, want_gates = naive_gated_fusion(*args)  # float64 math on the same low-precision inputs
     # the only error left is the final rounding to the low precision dtype (math runs in fp32)
-    torch.testing.assert_close(out.double(), want_out, rtol=tol, atol=tol)
-    torch.testing.assert_close(gates.double(), want_gates, rtol=tol, atol=tol)
+    assert_close(out.double(), want_out, rtol=tol, atol=tol)
+    assert_close(gates.double(), want_gates, rtol=tol, atol=tol)
 
 
 def test_fp32_parameters_with_fp16_activations():
     args = make_inputs(2, dtype=torch.float16, param_dtype=torch.float32)
     out = gated_fusion(*args, backend="torch")
     assert out.dtype == torch.float16
-    torch.testing.assert_close(out.double(), naive_gated_fusion(*args)[0], rtol=5e-3, atol=5e-3)
+    assert_close(out.double(), naive_gated_fusion(*args)[0], rtol=5e-3, atol=5e-3)
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -135,11 +136,11 @@ def test_gradcheck_float64(k, dropout_p):
 def test_dropout_off_when_p_zero_or_not_training():
     args = make_inputs(3)
     plain = gated_fusion(*args, backend="torch")
-    torch.testing.assert_close(gated_fusion(*args, dropout_p=0.0, training=True, backend="torch"), plain,
+    assert_close(gated_fusion(*args, dropout_p=0.0, training=True, backend="torch"), plain,
                                rtol=0, atol=0)
-    torch.testing.assert_close(gated_fusion(*args, dropout_p=0.5, training=False, backend="torch"), plain,
+    assert_close(gated_fusion(*args, dropout_p=0.5, training=False, backend="torch"), plain,
                                rtol=0, atol=0)
-    torch.testing.assert_close(plain.double(), naive_gated_fusion(*args)[0], rtol=1e-5, atol=1e-5)
+    assert_close(plain.double(), naive_gated_fusion(*args)[0], rtol=1e-5, atol=1e-5)
     # and dropout really changes something when training
     assert not torch.allclose(gated_fusion(*args, dropout_p=0.5, backend="torch"), plain)
 
@@ -175,11 +176,11 @@ def check_dropout(backend, device, dropout_p=0.3, k=3, dtype=torch.float32, fwd_
     dropped = 1.0 - keep.double().mean().item()
     assert abs(dropped - dropout_p) < 5 * math.sqrt(dropout_p * (1 - dropout_p) / n) + 1e-3, dropped
     for i in range(1, k):  # every branch shares the one mask on o
-        torch.testing.assert_close(got[i], got[0], rtol=1e-5, atol=1e-6)
+        assert_close(got[i], got[0], rtol=1e-5, atol=1e-6)
 
     want_out, _ = naive_gated_fusion(branches, residual, zero_w, zero_b, lw, lb, eps=1e-5,
                                      keep_mask=keep, dropout_p=dropout_p)
-    torch.testing.assert_close(out.double(), want_out, rtol=fwd_tol, atol=fwd_tol)
+    assert_close(out.double(), want_out, rtol=fwd_tol, atol=fwd_tol)
 
     # general gate weight, same seed and shape -> same mask: every gradient against the naive math
     params = [w, b, lw, lb]
@@ -189,19 +190,19 @@ def check_dropout(backend, device, dropout_p=0.3, k=3, dtype=torch.float32, fwd_
                               return_gates=True, backend=backend)
     want_out, want_gates = naive_gated_fusion(branches, residual, w, b, lw, lb, eps=1e-5,
                                               keep_mask=keep, dropout_p=dropout_p)
-    torch.testing.assert_close(out.double(), want_out, rtol=fwd_tol, atol=fwd_tol)
-    torch.testing.assert_close(gates.double(), want_gates, rtol=fwd_tol, atol=fwd_tol)
+    assert_close(out.double(), want_out, rtol=fwd_tol, atol=fwd_tol)
+    assert_close(gates.double(), want_gates, rtol=fwd_tol, atol=fwd_tol)
     got = _grads(out, leaves + params, grad_out)
     want = _grads(want_out, leaves + params, grad_out.double())
     for g, wg in zip(got, want):
-        torch.testing.assert_close(g.double(), wg.double(), rtol=bwd_tol, atol=bwd_tol)
+        assert_close(g.double(), wg.double(), rtol=bwd_tol, atol=bwd_tol)
 
     with torch.no_grad():
         again = gated_fusion(branches, residual, w, b, lw, lb, eps=1e-5, dropout_p=dropout_p, seed=seed,
                              backend=backend)
         other = gated_fusion(branches, residual, w, b, lw, lb, eps=1e-5, dropout_p=dropout_p, seed=seed + 1,
                              backend=backend)
-    torch.testing.assert_close(again, out.detach(), rtol=0, atol=0)
+    assert_close(again, out.detach(), rtol=0, atol=0)
     assert not torch.allclose(other, out.detach())
 
 
@@ -215,7 +216,7 @@ def test_dropout_without_seed_uses_torch_rng():
     torch.manual_seed(3)
     first = gated_fusion(*args, dropout_p=0.5, backend="torch")
     torch.manual_seed(3)
-    torch.testing.assert_close(gated_fusion(*args, dropout_p=0.5, backend="torch"), first, rtol=0, atol=0)
+    assert_close(gated_fusion(*args, dropout_p=0.5, backend="torch"), first, rtol=0, atol=0)
 
 
 def _bad(mutate):

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tolerance import assert_close
 from m2rec.layers import FeedForward, FrequencyFilter, M2RecLayer, MambaMixer
 
 
@@ -58,7 +59,7 @@ def test_mamba_mixer_matches_naive_loops():
     with torch.no_grad():
         got = mixer(h)
         want = naive_mamba(mixer, h)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
 def test_mamba_mixer_initialisation_follows_mamba():
@@ -70,8 +71,8 @@ def test_mamba_mixer_initialisation_follows_mamba():
     assert mixer.conv1d.bias is not None and mixer.conv1d.weight.shape == (di, 1, 3)
     assert mixer.conv1d.padding == (2,) and mixer.conv1d.groups == di
     assert mixer.x_proj.weight.shape == (mixer.dt_rank + 10, di)
-    torch.testing.assert_close(mixer.A_log, torch.log(torch.arange(1.0, 6.0)).expand(di, 5))
-    torch.testing.assert_close(mixer.D, torch.ones(di))
+    assert_close(mixer.A_log, torch.log(torch.arange(1.0, 6.0)).expand(di, 5))
+    assert_close(mixer.D, torch.ones(di))
     dt = F.softplus(mixer.dt_proj.bias.detach())
     assert dt.min() >= dt_min * (1 - 1e-4) and dt.max() <= dt_max * (1 + 1e-4)
     # log-uniform: the log step sizes spread over the range rather than sitting at one value
@@ -88,7 +89,7 @@ def test_mamba_mixer_is_causal_and_checks_input():
     h2[:, 6:] = torch.randn(2, 4, 8)
     with torch.no_grad():
         a, b = mixer(h), mixer(h2)
-    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert_close(a[:, :6], b[:, :6])
     assert not torch.allclose(a[:, 6:], b[:, 6:])
     with pytest.raises(ValueError, match="hidden"):
         mixer(torch.randn(2, 10, 9))
@@ -106,7 +107,7 @@ def test_causal_filter_is_an_explicit_causal_convolution():
     for t in range(11):
         for s in range(t + 1):
             want[:, t] += k[t - s] * x[:, s]
-    torch.testing.assert_close(filt(x), want, rtol=1e-10, atol=1e-10)
+    assert_close(filt(x), want, rtol=1e-10, atol=1e-10)
 
 
 def test_causal_filter_does_not_look_ahead_and_ignores_right_padding():
@@ -119,10 +120,10 @@ def test_causal_filter_does_not_look_ahead_and_ignores_right_padding():
         x2 = x.clone()
         x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])
         y2 = filt(x2)
-        torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1], rtol=1e-5, atol=1e-5)
+        assert_close(y2[:, : t + 1], y[:, : t + 1], rtol=1e-5, atol=1e-5)
         assert not torch.allclose(y2[:, t + 1:], y[:, t + 1:], atol=1e-3)
         # the prefix alone (shorter transform, fewer kernel taps) gives the same outputs
-        torch.testing.assert_close(filt(x[:, : t + 1]), y[:, : t + 1], rtol=1e-5, atol=1e-5)
+        assert_close(filt(x[:, : t + 1]), y[:, : t + 1], rtol=1e-5, atol=1e-5)
 
 
 def test_circular_filter_is_fmlp_rec_and_needs_max_len():
@@ -130,7 +131,7 @@ def test_circular_filter_is_fmlp_rec_and_needs_max_len():
     x = torch.randn(2, 9, 4)
     w = torch.view_as_complex(filt.complex_weight)
     want = torch.fft.irfft(torch.fft.rfft(x, dim=1, norm="ortho") * w, n=9, dim=1, norm="ortho")
-    torch.testing.assert_close(filt(x), want, rtol=1e-5, atol=1e-6)
+    assert_close(filt(x), want, rtol=1e-5, atol=1e-6)
     # every position sees every other: changing the last input moves the first output
     x2 = x.clone()
     x2[:, -1] += 1.0
@@ -178,7 +179,7 @@ def test_m2rec_layer_matches_manual_composition(semantic, frequency):
     assert layer.n_branches == 1 + semantic + frequency
     assert hasattr(layer, "gate_weight") == (layer.n_branches > 1)
     with torch.no_grad():
-        torch.testing.assert_close(layer(h, s), _manual_layer(layer, h, s), rtol=1e-5, atol=1e-5)
+        assert_close(layer(h, s), _manual_layer(layer, h, s), rtol=1e-5, atol=1e-5)
 
 
 def test_m2rec_layer_gates_and_padding_invariance():
@@ -188,9 +189,9 @@ def test_m2rec_layer_gates_and_padding_invariance():
     with torch.no_grad():
         out, gates = layer(h, s, return_gates=True)
         assert gates.shape == (2, 14, 3)
-        torch.testing.assert_close(gates.sum(-1), torch.ones(2, 14))
+        assert_close(gates.sum(-1), torch.ones(2, 14))
         # causal layer: a right-padded batch gives the same outputs on the valid prefix
-        torch.testing.assert_close(layer(h[:, :9], s[:, :9]), out[:, :9], rtol=1e-5, atol=1e-5)
+        assert_close(layer(h[:, :9], s[:, :9]), out[:, :9], rtol=1e-5, atol=1e-5)
 
 
 def test_m2rec_layer_circular_is_not_padding_invariant():
@@ -214,7 +215,7 @@ def test_m2rec_layer_dropout_only_in_training_and_semantic_checks():
     b = layer(h, s)
     assert not torch.allclose(a, b)
     layer.eval()
-    torch.testing.assert_close(layer(h, s), layer(h, s))
+    assert_close(layer(h, s), layer(h, s))
     with pytest.raises(ValueError, match="semantic"):
         layer(h)
     with pytest.raises(ValueError, match="s"):
@@ -232,4 +233,4 @@ def test_feed_forward_matches_formula():
     r = x + inner @ ffn.w_2.weight.T + ffn.w_2.bias
     want = (r - r.mean(-1, keepdim=True)) / torch.sqrt(r.var(-1, unbiased=False, keepdim=True) + 1e-12)
     want = want * ffn.layer_norm.weight + ffn.layer_norm.bias
-    torch.testing.assert_close(ffn(x), want, rtol=1e-5, atol=1e-5)
+    assert_close(ffn(x), want, rtol=1e-5, atol=1e-5)

@@ -5,6 +5,7 @@ Skipped, with the reason, when mamba_ssm cannot be imported (install it as DESIG
 import pytest
 import torch
 
+from _tolerance import assert_close
 from m2rec.layers import MambaMixer
 from m2rec.mamba_ssm_compat import import_mamba_ssm
 
@@ -29,14 +30,14 @@ def _compare(real, mixer, h):
     """Forward outputs and every parameter gradient agree."""
     h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
     y_real, y_mix = real(h1), mixer(h2)
-    torch.testing.assert_close(y_mix, y_real, rtol=2e-5, atol=2e-5)
+    assert_close(y_mix, y_real, rtol=2e-5, atol=2e-5)
     g = torch.randn_like(y_real)
     y_real.backward(g)
     y_mix.backward(g)
-    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-4)
+    assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-4)
     real_params = dict(real.named_parameters())
     for name, p in mixer.named_parameters():
-        torch.testing.assert_close(p.grad, real_params[name].grad, rtol=1e-4, atol=1e-4, msg=name)
+        assert_close(p.grad, real_params[name].grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_mixer_loads_mamba_state_dict_and_matches_forward_and_backward():
@@ -67,7 +68,7 @@ def test_same_parameters_and_initialisation():
     torch.manual_seed(123)
     mix_sd = MambaMixer(**CFG).state_dict()
     for name, t in real_sd.items():
-        torch.testing.assert_close(mix_sd[name], t, rtol=0, atol=0, msg=name)
+        assert_close(mix_sd[name], t, rtol=0, atol=0, msg=name)
     # and other settings of dt_min/dt_max/dt_init_floor/dt_rank are honoured the same way
     kw = dict(dt_min=0.01, dt_max=0.5, dt_init_floor=0.02, dt_rank=3)
     torch.manual_seed(7)
@@ -75,7 +76,7 @@ def test_same_parameters_and_initialisation():
     torch.manual_seed(7)
     mix_sd = MambaMixer(**CFG, **kw).state_dict()
     for name, t in real_sd.items():
-        torch.testing.assert_close(mix_sd[name], t, rtol=0, atol=0, msg=name)
+        assert_close(mix_sd[name], t, rtol=0, atol=0, msg=name)
 
 
 def test_mamba4rec_gives_the_same_results_with_either_implementation():
@@ -89,7 +90,7 @@ def test_mamba4rec_gives_the_same_results_with_either_implementation():
     seq = torch.randint(1, 31, (2, 12))
     seq[1, 7:] = 0
     lengths = torch.tensor([12, 7])
-    torch.testing.assert_close(real.scores(seq, lengths), mix.scores(seq, lengths), rtol=1e-5, atol=1e-5)
+    assert_close(real.scores(seq, lengths), mix.scores(seq, lengths), rtol=1e-5, atol=1e-5)
     # the real Mamba trains the shared parameters
     real.train()
     real.loss(seq, lengths, torch.tensor([3, 4]), all_positions=False).backward()

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tolerance import assert_close
 from m2rec.models import MODELS, M2Rec, Mamba4Rec, SASRec, build_model
 
 N_ITEMS, MAX_LEN, D = 30, 16, 16
@@ -43,7 +44,7 @@ def test_right_padding_does_not_change_last_position_scores(name):
         for b in range(4):
             n = int(lengths[b])
             alone = model.scores(seq[b:b + 1, :n], lengths[b:b + 1])
-            torch.testing.assert_close(batch_scores[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+            assert_close(batch_scores[b:b + 1], alone, rtol=1e-5, atol=1e-5)
 
 
 def _synthetic_batch(n=16, L=10):
@@ -90,7 +91,7 @@ def test_loss_is_full_catalogue_cross_entropy(name):
         E = model.item_embedding.weight
         # last position: against scores() (another path), padding column excluded
         scores = model.scores(seq, lengths)
-        torch.testing.assert_close(model.loss(seq, lengths, t_last, all_positions=False),
+        assert_close(model.loss(seq, lengths, t_last, all_positions=False),
                                    F.cross_entropy(scores[:, 1:], t_last - 1), rtol=1e-5, atol=1e-6)
         # all positions: mean over valid targets of -log softmax over items 1..n
         nll = []
@@ -98,7 +99,7 @@ def test_loss_is_full_catalogue_cross_entropy(name):
             for t in range(int(lengths[b])):
                 logits = hidden[b, t] @ E[1:].T
                 nll.append(-(logits[t_all[b, t] - 1] - torch.logsumexp(logits, 0)))
-        torch.testing.assert_close(model.loss(seq, lengths, t_all, all_positions=True), torch.stack(nll).mean(),
+        assert_close(model.loss(seq, lengths, t_all, all_positions=True), torch.stack(nll).mean(),
                                    rtol=1e-5, atol=1e-6)
 
 

@@ -4,9 +4,9 @@ strided inputs; the models on ``backend="cpu"``; and the fallback when the libra
 
 The truth is the PyTorch reference run in float64 on the same inputs (the reference is itself checked
 against an independent naive loop and gradcheck in test_scan_reference.py). fp32 tolerances scale
-with the largest value of each compared tensor: the kernels differ from float64 by rounding in fp32
-sums of O(L * N) terms, measured at ~2e-7 of the largest value (1e-5 allowed, so a wrong term, which
-is O(1), still fails). Without the built library every test here skips and says why; the session
+with the largest value of each compared tensor (tests/_tolerance.py): the kernels differ from float64
+by rounding in fp32 sums of O(L * N) terms, measured at ~2e-7 of the largest value (1e-5 allowed, so
+a wrong term, which is O(1), still fails). Without the built library every test here skips and says why; the session
 header (tests/conftest.py) names the path the scan runs on.
 """
 import itertools
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from _scan_inputs import ODD, clone_inputs, make_scan_inputs
+from _tolerance import assert_close
 from m2rec_kernels import fft_filter, gated_fusion, selective_scan, selective_scan_final
 from m2rec_kernels._backend import check_backend_runs, resolve_backend
 from m2rec_kernels.scan import cpu as scan_cpu
@@ -59,10 +60,8 @@ def _run(kw, impl, grad_out=None, grad_last=None, isa=None, dtype=None, f64=Fals
 
 
 def _close(got, want, name, rel_to_max=1e-5, rtol=1e-4):
-    """|got - want| <= rtol |want| + rel_to_max * max|want| (got cast to float64)."""
-    scale = max(want.abs().max().item(), 1e-30) if want.numel() else 1.0
-    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=rel_to_max * scale,
-                               msg=lambda m: f"{name}: {m}")
+    """|got - want| <= rtol |want| + rel_to_max * max(1, max|want|) (got cast to float64)."""
+    assert_close(got.double(), want.double(), rtol=rtol, atol=rel_to_max, msg=lambda m: f"{name}: {m}")
 
 
 def _grads(shape_out, shape_last, which, seed=1):

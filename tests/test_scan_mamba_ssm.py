@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from _scan_inputs import ODD, clone_inputs, make_scan_inputs, scan_args
+from _tolerance import assert_close
 from m2rec.mamba_ssm_compat import import_mamba_ssm, selective_scan_ref
 from m2rec_kernels import selective_scan
 
@@ -28,8 +29,8 @@ def test_matches_mamba_reference(use_D, use_z, use_bias, softplus, check_grads):
     ours_in, theirs_in = clone_inputs(kw), clone_inputs(kw)
     out, last = selective_scan(**ours_in, return_last_state=True, backend="torch")
     want_out, want_last = mamba_ref(*scan_args(theirs_in), return_last_state=True)
-    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(last, want_last, rtol=1e-5, atol=1e-5)
+    assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    assert_close(last, want_last, rtol=1e-5, atol=1e-5)
     if not check_grads:
         return
 
@@ -39,7 +40,7 @@ def test_matches_mamba_reference(use_D, use_z, use_bias, softplus, check_grads):
     for name in GRAD_NAMES:
         if ours_in[name] is None:
             continue
-        torch.testing.assert_close(ours_in[name].grad, theirs_in[name].grad, rtol=1e-4, atol=1e-4, msg=name)
+        assert_close(ours_in[name].grad, theirs_in[name].grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_lengths_match_mamba_on_truncated_sequences():
@@ -52,8 +53,8 @@ def test_lengths_match_mamba_on_truncated_sequences():
     for b, n in enumerate(kw["lengths"].tolist()):
         alone = {k: (v[b : b + 1, ..., :n] if k in ("u", "delta", "B", "C", "z") else v) for k, v in kw.items()}
         want_out, want_last = mamba_ref(*scan_args(alone), return_last_state=True)
-        torch.testing.assert_close(out[b : b + 1, :, :n], want_out, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(last[b : b + 1], want_last, rtol=1e-5, atol=1e-5)
+        assert_close(out[b : b + 1, :, :n], want_out, rtol=1e-5, atol=1e-5)
+        assert_close(last[b : b + 1], want_last, rtol=1e-5, atol=1e-5)
 
 
 def test_state_update_matches_mamba_reference():
@@ -69,5 +70,5 @@ def test_state_update_matches_mamba_reference():
     state_theirs = state_ours.clone()
     out = selective_state_update(state_ours, *args, **extra, backend="torch")
     want = selective_state_update_ref(state_theirs, *args, **extra)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state_ours, state_theirs, rtol=1e-6, atol=1e-6)
+    assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert_close(state_ours, state_theirs, rtol=1e-6, atol=1e-6)

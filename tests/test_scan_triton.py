@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from _scan_inputs import ODD, clone_inputs, make_scan_inputs
+from _tolerance import assert_close, magnitude
 from m2rec_kernels import selective_scan, selective_state_update
 from m2rec_kernels.scan import function as scan_function
 
@@ -44,7 +45,7 @@ def _assert_grads_close(got, want, **tol):
     assert got.keys() == want.keys()
     for name in want:
         assert got[name].dtype == want[name].dtype, name
-        torch.testing.assert_close(got[name], want[name], **tol, msg=lambda m: f"grad of {name}: {m}")
+        assert_close(got[name], want[name], **tol, msg=lambda m: f"grad of {name}: {m}")
 
 
 @pytest.mark.parametrize(
@@ -67,8 +68,8 @@ def test_fp32_matches_reference(device, use_D, use_z, use_bias, softplus, use_le
     out, last, grads = _run(kw, "triton", grad_out, grad_last)
     want_out, want_last, want_grads = _run(kw, "torch", grad_out, grad_last)
     assert out.dtype == torch.float32 and last.dtype == torch.float32
-    torch.testing.assert_close(out, want_out, **FP32_TOL)
-    torch.testing.assert_close(last, want_last, **FP32_TOL)
+    assert_close(out, want_out, **FP32_TOL)
+    assert_close(last, want_last, **FP32_TOL)
     _assert_grads_close(grads, want_grads, **FP32_TOL)
 
 
@@ -82,8 +83,8 @@ def test_several_channel_blocks(monkeypatch, device):
     grad_last = torch.randn(ODD["batch"], ODD["dim"], ODD["N"], device=device)
     out, last, grads = _run(kw, "triton", grad_out, grad_last)
     want_out, want_last, want_grads = _run(kw, "torch", grad_out, grad_last)
-    torch.testing.assert_close(out, want_out, **FP32_TOL)
-    torch.testing.assert_close(last, want_last, **FP32_TOL)
+    assert_close(out, want_out, **FP32_TOL)
+    assert_close(last, want_last, **FP32_TOL)
     _assert_grads_close(grads, want_grads, **FP32_TOL)
 
 
@@ -98,8 +99,8 @@ def test_edge_shapes(device, batch, dim, L, N):
     grad_last = torch.randn(batch, dim, N, device=device)
     out, last, grads = _run(kw, "triton", grad_out, grad_last)
     want_out, want_last, want_grads = _run(kw, "torch", grad_out, grad_last)
-    torch.testing.assert_close(out, want_out, **FP32_TOL)
-    torch.testing.assert_close(last, want_last, **FP32_TOL)
+    assert_close(out, want_out, **FP32_TOL)
+    assert_close(last, want_last, **FP32_TOL)
     _assert_grads_close(grads, want_grads, **FP32_TOL)
 
 
@@ -115,7 +116,7 @@ def test_gradient_for_a_subset_of_inputs(device):
         out.transpose(1, 2).contiguous().transpose(1, 2).sum().backward()
         results.append((out.detach(), u.grad, delta.grad))
     for got, want in zip(*results):
-        torch.testing.assert_close(got, want, **FP32_TOL)
+        assert_close(got, want, **FP32_TOL)
 
 
 def test_forward_only_without_last_state(device):
@@ -123,7 +124,7 @@ def test_forward_only_without_last_state(device):
     with torch.no_grad():
         out = selective_scan(**kw, backend="triton")
         want = selective_scan(**kw, backend="torch")
-    torch.testing.assert_close(out, want, **FP32_TOL)
+    assert_close(out, want, **FP32_TOL)
 
 
 def _max_err(got, truth):
@@ -149,8 +150,7 @@ def _low_precision_rule(dtype, device, atol):
     ]:
         assert got.dtype == base.dtype, name
         err, ref_err = _max_err(got, true), _max_err(base, true)
-        scale = true.abs().max().item()
-        assert err <= 2 * ref_err + atol * max(scale, 1.0), f"{name}: error {err:.3g} vs reference {ref_err:.3g}"
+        assert err <= 2 * ref_err + atol * magnitude(true), f"{name}: error {err:.3g} vs reference {ref_err:.3g}"
 
 
 def test_fp16_within_twice_the_reference_error(device):
@@ -176,18 +176,27 @@ def test_fp32_exact_even_with_tf32_enabled(device):
     exact = clone_inputs(kw, requires_grad=False, dtype=torch.float64)
     exact["A"] = exact["A"].double()
     want_out, want_last, _ = _run(exact, "torch")
-    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(last.double(), want_last, rtol=1e-5, atol=1e-5)
+    assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
+    assert_close(last.double(), want_last, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
-def test_backward_is_deterministic(device):
+def test_backward_is_deterministic_when_asked(device):
+    """Under torch.use_deterministic_algorithms the sequential backward runs: bitwise repeatable.
+    (The time-parallel backward adds dB and dC with atomics: equal up to rounding.)"""
     kw = make_scan_inputs(4, 256, 64, 16, use_lengths=True, device=device)
     grad_out = torch.randn(kw["u"].shape, device=device)
-    first = _run(kw, "triton", grad_out)[2]
-    second = _run(kw, "triton", grad_out)[2]
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = _run(kw, "triton", grad_out)[2]
+        second = _run(kw, "triton", grad_out)[2]
+    finally:
+        torch.use_deterministic_algorithms(False)
     for name in first:
         assert torch.equal(first[name], second[name]), name
+    third = _run(kw, "triton", grad_out)[2]
+    for name in first:
+        assert_close(third[name], first[name], **FP32_TOL)
 
 
 def test_float64_is_refused_by_the_triton_backend(device):
@@ -210,8 +219,8 @@ def test_state_update_kernel_matches_reference(device, state_dtype, use_opts):
     out = selective_state_update(state, *args, **extra, backend="triton")
     want = selective_state_update(want_state, *args, **extra, backend="torch")
     tol = FP32_TOL if state_dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(out, want, **tol)
-    torch.testing.assert_close(state, want_state, **tol)
+    assert_close(out, want, **tol)
+    assert_close(state, want_state, **tol)
 
 
 def test_state_update_kernel_on_a_strided_state_updates_it_in_place(device):
@@ -223,8 +232,8 @@ def test_state_update_kernel_on_a_strided_state_updates_it_in_place(device):
     want_state = state.clone()
     out = selective_state_update(state, *args, D=kw["D"], dt_softplus=True, backend="triton")
     want = selective_state_update(want_state, *args, D=kw["D"], dt_softplus=True, backend="torch")
-    torch.testing.assert_close(out, want, **FP32_TOL)
-    torch.testing.assert_close(storage.transpose(1, 2), want_state, **FP32_TOL)
+    assert_close(out, want, **FP32_TOL)
+    assert_close(storage.transpose(1, 2), want_state, **FP32_TOL)
 
 
 def test_state_update_kernel_steps_reproduce_the_triton_scan(device):
@@ -240,8 +249,8 @@ def test_state_update_kernel_steps_reproduce_the_triton_scan(device):
                                dt_softplus=True, backend="triton")
         for t in range(L)
     ]
-    torch.testing.assert_close(torch.stack(steps, dim=-1), out, **FP32_TOL)
-    torch.testing.assert_close(state, last, **FP32_TOL)
+    assert_close(torch.stack(steps, dim=-1), out, **FP32_TOL)
+    assert_close(state, last, **FP32_TOL)
 
 
 def test_state_update_kernel_refuses_inputs_that_need_grad(device):
@@ -299,3 +308,152 @@ def test_kernels_compile_for_sm90(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # really compile, whatever an earlier run cached
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel choice and the time-parallel kernels' own paths (tiles, alignment, final mode)
+# --------------------------------------------------------------------------------------------------
+
+def _picks(monkeypatch, parallel: bool):
+    """Make the shape rule pick the time-parallel (or the sequential) kernel for the test shapes,
+    and check that it did."""
+    if parallel:
+        monkeypatch.setattr(scan_function, "SEQUENTIAL_MAX_L", 0)
+    else:
+        monkeypatch.setattr(scan_function, "SEQUENTIAL_MAX_L", 10**9)
+        monkeypatch.setattr(scan_function, "SEQUENTIAL_MIN_CHANNELS", 0)
+    calls = {"parallel": 0, "sequential": 0}
+    for name, kind in (("_parallel_forward", "parallel"), ("_sequential_forward", "sequential")):
+        real = getattr(scan_function, name)
+
+        def spy(*a, _real=real, _kind=kind, **k):
+            calls[_kind] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(scan_function, name, spy)
+    return calls
+
+
+def test_shape_rule():
+    rule = scan_function.use_time_parallel
+    assert rule(64, 128, 200) and rule(1, 128, 2000) and rule(64, 128, 2000)
+    assert not rule(64, 128, 32) and not rule(64, 128, 16)  # short and wide: sequential
+    assert rule(1, 128, 16)  # short but narrow: the parallel kernel spreads the channels
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not rule(64, 128, 200, needs_grad=True) and rule(64, 128, 200, needs_grad=False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+def test_each_kernel_matches_reference(monkeypatch, device, parallel):
+    calls = _picks(monkeypatch, parallel)
+    kw = make_scan_inputs(**ODD, use_lengths=True, device=device)
+    g = torch.Generator().manual_seed(3)
+    grad_out = torch.randn(kw["u"].shape, generator=g).to(device)
+    grad_last = torch.randn(ODD["batch"], ODD["dim"], ODD["N"], generator=g).to(device)
+    out, last, grads = _run(kw, "triton", grad_out, grad_last)
+    assert calls["parallel" if parallel else "sequential"] == 1 and calls["sequential" if parallel else "parallel"] == 0
+    want_out, want_last, want_grads = _run(kw, "torch", grad_out, grad_last)
+    assert_close(out, want_out, **FP32_TOL)
+    assert_close(last, want_last, **FP32_TOL)
+    _assert_grads_close(grads, want_grads, **FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    "use_D,use_z,use_bias,softplus,grad_through",
+    [(True, True, True, True, "both"), (False, False, False, False, "out"), (True, False, True, False, "last")],
+    ids=["all", "bare", "D-bias-no-softplus-last-only"],
+)
+def test_parallel_across_time_tiles(monkeypatch, device, use_D, use_z, use_bias, softplus, grad_through):
+    """Tiles of 16 steps at L = 37 (three tiles, the last partial): the state carried forward
+    between tiles, the checkpoints and the dh carried backward; lengths 37, 12 and 0."""
+    calls = _picks(monkeypatch, parallel=True)
+    if device.type == "cpu":
+        monkeypatch.setattr(scan_function, "MAX_TILE", 16)
+        monkeypatch.setattr(scan_function, "INTERPRETER_BLOCK_D", 32)  # two channel blocks, one masked
+    kw = make_scan_inputs(**ODD, use_D=use_D, use_z=use_z, use_bias=use_bias, softplus=softplus,
+                          use_lengths=True, device=device)
+    g = torch.Generator().manual_seed(4)
+    grad_out = torch.randn(kw["u"].shape, generator=g).to(device) if grad_through in ("out", "both") else None
+    grad_last = (torch.randn(ODD["batch"], ODD["dim"], ODD["N"], generator=g).to(device)
+                 if grad_through in ("last", "both") else None)
+    out, last, grads = _run(kw, "triton", grad_out, grad_last)
+    assert calls["parallel"] == 1
+    want_out, want_last, want_grads = _run(kw, "torch", grad_out, grad_last)
+    assert_close(out, want_out, **FP32_TOL)
+    assert_close(last, want_last, **FP32_TOL)
+    _assert_grads_close(grads, want_grads, **FP32_TOL)
+
+
+def test_parallel_vectorised_rows_and_strided_inputs(monkeypatch, device):
+    """L = 40 (rows 16-byte aligned: ALIGN 4 for fp32) with z and u as views of a wider tensor,
+    as the model passes them, and a strided dout."""
+    _picks(monkeypatch, parallel=True)
+    b, d, L, N = 2, 12, 40, 5
+    kw = make_scan_inputs(b, d, L, N, use_lengths=True, device=device)
+    assert scan_function._alignment(L, torch.float32, d * L, L, 2 * d * L, N * L) == 4
+    wide = torch.randn(b, 2 * d, L, device=device)
+    kw["z"] = wide[:, d:]
+    u_wide = torch.randn(b, 2 * d, L, device=device)
+    u_wide[:, :d] = kw["u"]
+    results = []
+    for backend in ("triton", "torch"):
+        u = u_wide.clone().requires_grad_()
+        delta = kw["delta"].clone().requires_grad_()
+        B = kw["B"].clone().requires_grad_()
+        out = selective_scan(**dict(kw, u=u[:, :d], delta=delta, B=B), backend=backend)
+        out.transpose(1, 2).contiguous().transpose(1, 2).sum().backward()
+        results.append((out.detach(), u.grad, delta.grad, B.grad))
+    for got, want in zip(*results):
+        assert_close(got, want, **FP32_TOL)
+
+
+def test_parallel_fp16_within_twice_the_reference_error(monkeypatch, device):
+    _picks(monkeypatch, parallel=True)
+    if device.type == "cpu":
+        monkeypatch.setattr(scan_function, "MAX_TILE", 16)
+    _low_precision_rule(torch.float16, device, atol=1e-3)
+
+
+@pytest.mark.parametrize("tile", [16, 64], ids=["three-tiles", "one-tile"])
+def test_final_mode_stores_only_the_last_step(monkeypatch, device, tile):
+    """selective_scan_final without gradients: the output-free kernel mode against the reference."""
+    from m2rec_kernels import selective_scan_final
+
+    calls = _picks(monkeypatch, parallel=True)
+    if device.type == "cpu":
+        monkeypatch.setattr(scan_function, "MAX_TILE", tile)
+    kw = make_scan_inputs(**ODD, use_lengths=True, device=device)
+    kw["lengths"] = torch.tensor([ODD["L"], 12, 1], device=device)
+    seen = {}
+    real = scan_function._parallel_forward
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+    monkeypatch.setattr(scan_function, "_parallel_forward", spy)
+    with torch.no_grad():
+        out_last, last = selective_scan_final(**kw, backend="triton")
+        want_out, want_last = selective_scan_final(**kw, backend="torch")
+    assert seen["store_out"] is False and seen["last_out"] is True
+    assert_close(out_last, want_out, **FP32_TOL)
+    assert_close(last, want_last, **FP32_TOL)
+    # with gradients the whole scan runs (differentiable) and the last steps are gathered
+    inputs = clone_inputs(kw)
+    out_last, last = selective_scan_final(**inputs, backend="triton")
+    (out_last.sum() + last.sum()).backward()
+    assert inputs["u"].grad is not None and calls["parallel"] >= 2
+
+
+def test_deterministic_algorithms_run_the_sequential_backward(monkeypatch, device):
+    calls = _picks(monkeypatch, parallel=True)
+    kw = make_scan_inputs(2, 8, 20, 3, device=device)
+    torch.use_deterministic_algorithms(True)
+    try:
+        out, last, grads = _run(kw, "triton", torch.ones(2, 8, 20, device=device))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert calls == {"parallel": 0, "sequential": 1}
+    want = _run(kw, "torch", torch.ones(2, 8, 20, device=device))
+    _assert_grads_close(grads, want[2], **FP32_TOL)

@@ -1,6 +1,8 @@
 """Item-text embeddings with the real all-MiniLM-L6-v2 (offline) on a handful of texts."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,3 +66,24 @@ def test_bad_tables_are_refused(tmp_path):
         item_text_table("toy", ["x", "y"], cache_dir=tmp_path)
     with pytest.raises(ValueError, match="no item texts"):
         item_text_table("toy", ["", "", ""], cache_dir=tmp_path)
+
+
+def test_default_cache_folder_is_per_user_not_per_working_directory(monkeypatch, tmp_path):
+    from m2rec.text_embeddings import default_cache_dir
+    monkeypatch.delenv("M2REC_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_cache_dir() == Path.home() / ".cache" / "m2rec"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "m2rec"
+    monkeypatch.setenv("M2REC_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+
+
+def test_an_unreadable_cache_file_is_recomputed(table_and_cache, tmp_path):
+    table, path, _, _ = table_and_cache
+    copy = tmp_path / path.name
+    copy.write_bytes(b"\x00garbage" * 50)  # e.g. written by a version without atomic saves
+    again, path2, hit = item_text_table("toy", TEXTS, cache_dir=tmp_path, progress=False, batch_size=2)
+    assert not hit and path2 == copy and torch.equal(again, table)
+    assert torch.equal(torch.load(copy, weights_only=True), table)  # and replaced

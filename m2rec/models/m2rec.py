@@ -5,6 +5,19 @@
 
 Ablations: ``use_frequency=False`` drops the frequency branch, ``use_semantic=False`` (the default
 without text embeddings) the semantic one; see ``M2RecLayer`` for what the gate does then.
+
+Scoring (``scores``) runs the last layer at each sequence's last position only
+(``M2RecLayer.forward_last``), and the semantic stream there only when there is one layer.
+
+Streaming (``init_state`` / ``prefill`` / ``step``, see ``base``): per layer the Mamba branch's conv
+window and SSM state (O(1) per new item in the history length) and the causal filter's last max_len
+inputs (O(max_len·d) per new item: a dot product). The circular filter cannot stream. **Past max_len
+items** a user's stream goes on without forgetting: the Mamba branches carry their state over the
+whole stream (a state has no way to drop an old item) and the filter reads the last max_len inputs
+(its kernel has max_len taps). The scores are then those of this model's equations over the whole
+stream with the filter's taps beyond max_len zero — no longer ``scores()`` of the last max_len items,
+which restarts from an empty state. To serve exactly what ``scores()`` gives, rebuild a user's state
+with ``prefill`` of the last max_len items when ``state.seen`` passes max_len.
 """
 from __future__ import annotations
 
@@ -75,14 +88,65 @@ class M2Rec(SequentialRecommender):
         """s = LayerNorm(W_s · T[item]) (batch, L, d), shared by every layer."""
         return self.semantic_norm(self.semantic_proj(self.text_embeddings[item_seq]))
 
-    def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _check_width(self, item_seq: torch.Tensor) -> None:
         if self.filter_mode == "circular" and self.use_frequency and item_seq.shape[1] != self.max_len:
             raise ValueError(
                 f"M2Rec: with filter='circular' item_seq must have exactly max_len = {self.max_len} positions "
                 f"(right-pad every batch to max_len), got L = {item_seq.shape[1]}"
             )
-        h = self.embedding_norm(self.embedding_dropout(self.item_embedding(item_seq)))
+
+    def _embed(self, items: torch.Tensor) -> torch.Tensor:
+        """h0 = LayerNorm(dropout(E[items])) for ids of any shape."""
+        return self.embedding_norm(self.embedding_dropout(self.item_embedding(items)))
+
+    def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self._check_width(item_seq)
+        h = self._embed(item_seq)
         s = self.semantic_stream(item_seq) if self.use_semantic else None
         for layer in self.layers:
             h = layer(h, s)
+        return h
+
+    def _semantic_inputs(self, item_seq, lengths):
+        """(s for the layers below the last, s at the last positions): the full stream only when a
+        layer below the last needs it."""
+        if not self.use_semantic:
+            return None, None
+        last_items = item_seq[torch.arange(item_seq.shape[0], device=item_seq.device), lengths - 1]
+        s = self.semantic_stream(item_seq) if len(self.layers) > 1 else None
+        return s, self.semantic_stream(last_items)
+
+    def encode_last(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self._check_width(item_seq)
+        h = self._embed(item_seq)
+        s, s_last = self._semantic_inputs(item_seq, lengths)
+        for layer in self.layers[:-1]:
+            h = layer(h, s)
+        return self.layers[-1].forward_last(h, s_last, lengths)
+
+    # ----- streaming (see the module docstring) ---------------------------------------------------
+    def _stream_unsupported(self):
+        if self.use_frequency and self.filter_mode == "circular":
+            return ("the circular filter's outputs depend on every position of the max_len window, later ones "
+                    "included; use filter='causal'")
+        return None
+
+    def _init_stream_layers(self, batch_size, device, dtype):
+        return [layer.init_state(batch_size, device=device, dtype=dtype) for layer in self.layers]
+
+    def _prefill_stream(self, item_seq, lengths):
+        h = self._embed(item_seq)
+        s, s_last = self._semantic_inputs(item_seq, lengths)
+        states = []
+        for layer in self.layers[:-1]:
+            h, state = layer.prefill(h, s, lengths)
+            states.append(state)
+        out, state = self.layers[-1].prefill(h, None, lengths, s_last=s_last, last_only=True)
+        return out, states + [state]
+
+    def _step_stream(self, layers, items, positions):
+        h = self._embed(items)
+        s = self.semantic_stream(items) if self.use_semantic else None
+        for layer, state in zip(self.layers, layers):
+            h = layer.step(h, s, state, positions)
         return h

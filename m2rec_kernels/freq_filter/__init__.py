@@ -1,4 +1,4 @@
-"""FFT-domain filter along the sequence axis (DESIGN §2.2).
+"""FFT-domain filter along the sequence axis (DESIGN §2.2), and its causal form.
 
 ``fft_filter(x, weight, n_fft, backend="auto")`` with x (batch, L, d) and weight complex
 (n_fft//2 + 1, d) or its real view (n_fft//2 + 1, d, 2):
@@ -9,10 +9,18 @@
 * causal mode: ``weight = causal_weight(kernel, n_fft)`` for a real kernel (K, d) and
   ``n_fft >= L + K - 1`` (``causal_n_fft(L, K)`` gives the cheapest), so y_t = sum_{s<=t} k_{t-s} x_s.
 
-Backends: "torch" is the torch.fft reference (``reference.py``). "triton" is a dense-DFT kernel
-(``kernels.py``, ``function.py``) for x in fp32/fp16/bf16 and **n_fft <= 1024** (``MAX_N_FFT``): circular
-mode up to L = 1024, causal mode while L + K - 1 <= 1024 (L <= 512 with K = L taps). Beyond that, or
-for float64, it falls back to torch.fft automatically (same result, same gradients).
+``causal_filter(x, kernel, backend="auto")`` is the causal mode taking the kernel (K, d) itself:
+y_t = sum_{j<K, j<=t} k_j·x_{t-j}, exactly ``fft_filter(x, causal_weight(kernel, n), n)`` for any
+n >= L + K - 1 (``causal_filter_reference``), without the rfft/irfft round trip of the kernel.
+
+Backends: "torch" runs torch.fft — the reference (``reference.py``) for ``fft_filter``; for
+``causal_filter`` an FFT with a written-out backward (``causal_fft.py``), which is faster on CPU.
+"triton" (``paths.py``, the crossover rule) runs, for L <= ``DIRECT_MAX_L`` (256) and x in
+fp32/fp16/bf16, the direct Toeplitz kernel (``toeplitz_kernels.py``: L²/2 multiply-adds per row and
+channel for the causal filter; for ``fft_filter`` the taps irfft(weight, n_fft), computed once per call,
+over the whole L × L matrix, exact for any weight); above that, or for float64, torch.fft (cuFFT) — same
+result, same gradients. The dense-DFT kernel (``kernels.py``, ``function.py``) is no longer routed (see
+``paths.py``).
 """
 from __future__ import annotations
 
@@ -21,9 +29,12 @@ import torch
 from .._backend import resolve_backend
 from .._checks import check_tensor
 from .causal import causal_n_fft, causal_weight
-from .reference import fft_filter_reference
+from .causal_fft import causal_filter_fft
+from .paths import direct_filter_runs
+from .reference import as_complex_weight, causal_filter_reference, fft_filter_reference
 
-__all__ = ["fft_filter", "fft_filter_reference", "causal_n_fft", "causal_weight"]
+__all__ = ["fft_filter", "causal_filter", "fft_filter_reference", "causal_filter_reference", "causal_n_fft",
+           "causal_weight"]
 
 _OP = "fft_filter"
 _REAL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -57,15 +68,42 @@ def _check_inputs(x, weight, n_fft) -> None:
 def fft_filter(x: torch.Tensor, weight: torch.Tensor, n_fft: int, backend: str = "auto") -> torch.Tensor:
     """Filter x (batch, L, d) in the rfft domain of length ``n_fft`` (>= L); output in x's dtype.
 
-    ``backend``: "torch" (torch.fft reference), "triton" (dense-DFT Triton kernel, which falls back
-    to torch.fft beyond its size limit or for float64), or "auto" (Triton on CUDA, torch otherwise).
+    ``backend``: "torch" (torch.fft reference), "triton" (the direct kernel on the taps irfft(weight)
+    for L <= DIRECT_MAX_L, torch.fft beyond or for float64), or "auto" (Triton on CUDA, torch otherwise).
     Gradients flow to x and weight (the weight's gradient has the weight's form).
     """
     _check_inputs(x, weight, n_fft)
-    if resolve_backend(backend, _OP, x, weight) == "torch":
+    if resolve_backend(backend, _OP, x, weight) == "torch" or not direct_filter_runs(x, weight):
         return fft_filter_reference(x, weight, n_fft)
-    from .function import fft_filter_triton, triton_supports  # imports triton only when asked
+    from .toeplitz_function import direct_filter  # imports triton only when asked
 
-    if not triton_supports(x, weight, n_fft):  # beyond the kernel's size limit, or float64
-        return fft_filter_reference(x, weight, n_fft)
-    return fft_filter_triton(x, weight, n_fft)
+    # taps k = irfft(W, n) (unscaled inverse): irfft_o(rfft_o(x)·W) is the circular convolution x ⊛ k
+    taps = torch.fft.irfft(as_complex_weight(weight, torch.float32), n=n_fft, dim=0)
+    return direct_filter(x, taps, wrap=n_fft)
+
+
+def _check_causal_inputs(x, kernel) -> None:
+    op = "causal_filter"
+    check_tensor(op, "x", x, ndim=3, dtypes=_REAL)
+    check_tensor(op, "kernel", kernel, ndim=2, dtypes=_REAL, device=x.device)
+    if kernel.shape[0] < 1 or kernel.shape[1] != x.shape[2]:
+        raise ValueError(
+            f"{op}: kernel must have shape (K, d) with K >= 1 taps and d = x.shape[2] = {x.shape[2]}, "
+            f"got {tuple(kernel.shape)}"
+        )
+
+
+def causal_filter(x: torch.Tensor, kernel: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Causal depthwise filter: x (batch, L, d), kernel (K, d) real taps -> y (batch, L, d) in x's dtype,
+    y_t = sum_{j<K, j<=t} kernel_j·x_{t-j}. Taps j >= L do not reach any output (zero gradient).
+
+    ``backend``: "torch" (torch.fft), "triton" (direct kernel for L <= DIRECT_MAX_L, torch.fft beyond or
+    for float64) or "auto" (Triton on CUDA, torch otherwise). Gradients flow to x and kernel.
+    """
+    _check_causal_inputs(x, kernel)
+    k = kernel[: x.shape[1]]
+    if resolve_backend(backend, "causal_filter", x, kernel) == "torch" or not direct_filter_runs(x, kernel):
+        return causal_filter_fft(x, k)
+    from .toeplitz_function import direct_filter  # imports triton only when asked
+
+    return direct_filter(x, k)

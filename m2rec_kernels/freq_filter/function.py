@@ -1,4 +1,5 @@
-"""Host side of the Triton FFT filter: launch wrapper and the autograd Function (DESIGN §9).
+"""Host side of the dense-DFT Triton filter: launch wrapper and the autograd Function (DESIGN §9).
+Not routed by ``fft_filter`` any more (``paths.py``); called as ``fft_filter_triton`` directly.
 
 Backward reuses the forward kernel. With G = rfft_ortho(dy) (the kernel's phase-1 spectrum of dy):
     dx = irfft_ortho(G · conj(W))            (the same filter with the conjugate weight)
@@ -17,16 +18,16 @@ from .._backend import triton_interpreter_enabled
 from .dft import dft_matrices
 from .kernels import dft_filter_kernel
 
-# Above this transform length the dense DFT (O(L·n_fft) per channel and a (n_fft/2+1)·L matrix per
-# direction) stops paying against torch.fft's O(n log n), and the matrices (~4·L·n_fft/2 fp32 values,
-# 2 MiB at 512/1024) outgrow L2-friendly sizes: the public op falls back to torch.fft beyond it.
+# Longest transform the dense DFT takes (its matrices hold ~4·L·n_fft/2 fp32 values, 2 MiB at 512/1024).
+# The public op no longer routes here: the direct Toeplitz kernel does at most half the multiply-adds
+# at any n_fft >= L (see paths.py); this kernel stays, tested, for a GPU comparison.
 MAX_N_FFT = 1024
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def triton_supports(x: torch.Tensor, weight: torch.Tensor, n_fft: int) -> bool:
-    """Whether the Triton kernel handles these inputs; otherwise the public op uses torch.fft.
-    (n_fft <= MAX_N_FFT; x fp32/fp16/bf16; weight not double precision.)"""
+    """Whether the dense-DFT kernel handles these inputs
+    (n_fft <= MAX_N_FFT; x fp32/fp16/bf16; weight not double precision)."""
     return (
         n_fft <= MAX_N_FFT
         and x.dtype in KERNEL_DTYPES
@@ -50,14 +51,14 @@ def _tiles(L: int, n_freq: int, d: int) -> dict:
 
 
 # Compiled (CUDA) launches autotune over these, keyed on the sizes that set the loop trip counts.
-# Shared memory at sm_90 (fp32 operands, from triton.compile): 32/32/32 -> 56 KiB, 64/32/32 -> 72 KiB,
-# 64/64/16 -> 104 KiB, 64/64/32 (8 warps) -> 144 KiB; all fit an H100/H200 SM (227 KiB).
+# num_stages 1: compiled for sm_90 (Triton 3.9), every "ieee" config spilled registers at the default
+# num_stages 3 (48 B at 32/32/16 up to 1.8 KB forward / 3.7 KB backward at 64/64/16), none at num_stages 1;
+# these two are the cheapest per multiply-add there (0.042-0.054 warp instructions, forward and
+# backward flags; 80 and 104 registers; 16 and 24 KiB shared memory). Two configs keep the compile
+# cost on a lent GPU small.
 GPU_CONFIGS = [
-    triton.Config({"BLOCK_T": 32, "BLOCK_F": 32, "BLOCK_D": 16}, num_warps=4),
-    triton.Config({"BLOCK_T": 32, "BLOCK_F": 32, "BLOCK_D": 32}, num_warps=4),
-    triton.Config({"BLOCK_T": 64, "BLOCK_F": 32, "BLOCK_D": 32}, num_warps=4),
-    triton.Config({"BLOCK_T": 64, "BLOCK_F": 64, "BLOCK_D": 16}, num_warps=4),
-    triton.Config({"BLOCK_T": 64, "BLOCK_F": 64, "BLOCK_D": 32}, num_warps=8),
+    triton.Config({"BLOCK_T": 32, "BLOCK_F": 32, "BLOCK_D": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_T": 64, "BLOCK_F": 32, "BLOCK_D": 32}, num_warps=4, num_stages=1),
 ]
 _tuned_kernels: dict = {}
 
@@ -161,4 +162,9 @@ class FFTFilterTriton(torch.autograd.Function):
 
 
 def fft_filter_triton(x: torch.Tensor, weight: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """fft_filter through the dense-DFT kernel (inputs checked by the caller, as ``fft_filter`` does)."""
+    if not triton_supports(x, weight, n_fft):
+        raise ValueError(f"fft_filter_triton: the dense-DFT kernel takes n_fft <= {MAX_N_FFT} and x in "
+                         f"fp32/fp16/bf16 with a single-precision weight; got n_fft = {n_fft}, x {x.dtype}, "
+                         f"weight {weight.dtype}")
     return FFTFilterTriton.apply(x, weight, n_fft)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .causal import causal_n_fft, causal_weight
+
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """Real dtype the transform runs in: fp32 at least (torch.fft's half support is limited),
@@ -42,3 +44,15 @@ def fft_filter_reference(x: torch.Tensor, weight: torch.Tensor, n_fft: int) -> t
     spectrum = torch.fft.rfft(x.to(dtype), n=n_fft, dim=1, norm="ortho")
     y = torch.fft.irfft(spectrum * as_complex_weight(weight, dtype), n=n_fft, dim=1, norm="ortho")
     return y[:, :L].to(x.dtype)
+
+
+def causal_filter_reference(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Unchecked spec of ``causal_filter``: y_t = sum_{j<K, j<=t} k_j·x_{t−j} per channel, computed as
+    ``fft_filter_reference(x, causal_weight(kernel, n), n)`` with n = ``causal_n_fft(L, K)``. Taps
+    j >= L cannot reach any output and are dropped first (their gradient is zero)."""
+    L = x.shape[1]
+    if x.numel() == 0:
+        return x * 0
+    k = kernel[:L]
+    n = causal_n_fft(L, k.shape[0])
+    return fft_filter_reference(x, causal_weight(k, n), n)

@@ -75,11 +75,15 @@ def gated_fusion_forward(branches: List[torch.Tensor], residual, gate_weight, ga
     return out, alpha, mean, rstd
 
 
+def bwd_programs_gpu(n_tiles: int, sms: int) -> int:
+    """Programs for the backward on a GPU with ``sms`` SMs: each loops over tiles, so partial
+    buffers stay small."""
+    return max(1, min(n_tiles, 4 * sms))
+
+
 def _programs_for(n_tiles: int, device: torch.device) -> int:
-    """Programs for the backward: each loops over tiles, so partial buffers stay small on a GPU."""
     if device.type == "cuda" and not triton_interpreter_enabled():
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_tiles, 4 * sms))
+        return bwd_programs_gpu(n_tiles, torch.cuda.get_device_properties(device).multi_processor_count)
     return n_tiles  # the interpreter pays per loop step, not per program
 
 

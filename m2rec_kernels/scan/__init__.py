@@ -149,13 +149,9 @@ def selective_scan_final(
 
         return selective_scan_final_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths)
     if chosen == "triton" and _kernel_dtypes_ok(op, backend, chosen, named):
-        from .function import selective_scan_triton
-        from .reference import last_positions
+        from .function import selective_scan_final_triton
 
-        # The Triton scan has no output-free mode yet: run it whole and keep the last steps.
-        out, last = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, lengths)
-        idx = last_positions(lengths, u.shape[0], u.shape[2], u.device)
-        return out[torch.arange(u.shape[0], device=u.device), :, idx], last
+        return selective_scan_final_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths)
     return selective_scan_final_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths)
 
 

@@ -1,8 +1,31 @@
-"""Host side of the Triton selective scan: launch wrappers and the autograd Function.
+"""Host side of the Triton selective scan: launch wrappers, the kernel choice and the autograd Function.
 
-Block sizes come from a small heuristic instead of autotune: the backward's partial-sum buffers are
-sized by the channel block, so the block must be known before the launch, and the state update
-must never be rerun on a live state (which autotuning would do).
+Two kernel families (DESIGN §4):
+
+* time-parallel (``parallel_kernels.py``, mamba's CUDA design): one program per (sequence, channel),
+  tiles of up to 2048 steps, a loop over states with an associative scan along time. It is the
+  default.
+* sequential (``kernels.py``): one program per (sequence, block of channels) walks time with all N
+  states in registers. It is kept where it wins and for determinism.
+
+The rule (``use_time_parallel``), from the sm_90 compile of both (``python -m bench.kernel_stats``;
+no GPU was lent to time them): the sequential forward is the cheaper in instructions (0.41 warp
+instructions per element on one warp against 0.65-0.71), but each program is one warp walking L
+dependent steps of ~420 instructions, with batch × dim / 32 programs; the time-parallel kernel runs
+batch × dim programs whose dependent chain is N scan passes (~40 instructions at a 16-step tile, 143
+at 256). So the sequential kernel wins only when L is short AND there are enough channels for the
+time-parallel kernel to be throughput-bound: L <= SEQUENTIAL_MAX_L (32) and batch × dim >=
+SEQUENTIAL_MIN_CHANNELS (4096; e.g. batch 64 × d_inner 128 at L 32: ~13.5k cycles of one warp's
+issue against ~24k cycles of the whole GPU's for the parallel kernel; at batch 1 the parallel kernel
+wins by spreading 128 programs over the SMs). Everything else runs time-parallel. Under
+``torch.use_deterministic_algorithms(True)``, a call that needs gradients runs the sequential
+kernels (whose reductions are all deterministic partial sums): the time-parallel backward adds dB
+and dC with atomics.
+
+Block sizes come from small heuristics instead of autotune: the partial-sum buffers are sized by the
+blocks, so they must be known before the launch, and the state update must never be rerun on a live
+state (which autotuning would do). Heuristics that depend on the GPU take its SM count, so that
+``bench/kernel_stats.py`` can ask them for an H200 without one.
 """
 from __future__ import annotations
 
@@ -15,6 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from .._backend import triton_interpreter_enabled
 from .kernels import selective_scan_bwd_kernel, selective_scan_fwd_kernel, selective_state_update_kernel
+from .parallel_kernels import selective_scan_parallel_bwd_kernel, selective_scan_parallel_fwd_kernel
 
 
 def _block_n(N: int) -> int:
@@ -26,31 +50,75 @@ def _block_n(N: int) -> int:
 # partial-sum reductions).
 INTERPRETER_BLOCK_D = 64
 
+# The sequential kernels run for L <= SEQUENTIAL_MAX_L when batch × dim >= SEQUENTIAL_MIN_CHANNELS
+# (module docstring); tests change them to pick either kernel.
+SEQUENTIAL_MAX_L = 32
+SEQUENTIAL_MIN_CHANNELS = 4096
+# Longest time tile of the time-parallel kernels (mamba's chunk: 2048). Tests lower it to cross
+# tile boundaries on tiny shapes.
+MAX_TILE = 2048
+
+
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def use_time_parallel(batch: int, dim: int, L: int, needs_grad: bool = False) -> bool:
+    """Whether the time-parallel kernels run this call (the rule in the module docstring)."""
+    if needs_grad and torch.are_deterministic_algorithms_enabled():
+        return False
+    return not (L <= SEQUENTIAL_MAX_L and batch * dim >= SEQUENTIAL_MIN_CHANNELS)
+
+
+def parallel_tile(L: int) -> int:
+    return max(16, min(MAX_TILE, triton.next_power_of_2(max(L, 1))))
+
+
+def parallel_fwd_config_gpu(L: int):
+    """(TILE, BLOCK_D, num_warps) of the time-parallel forward. One channel per program (the most
+    programs: batch 1 still fills 128 SMs) and 16 steps per thread: compiled for sm_90 the loop over
+    states then costs 0.69 warp instructions per element at L 2000 (4 warps, 150 registers) and
+    0.72 at L 200 (tile 256, 1 warp, padding included); 8 steps per thread on 8 warps cost 0.91."""
+    tile = parallel_tile(L)
+    return tile, 1, max(1, tile // 512)
+
+
+def parallel_bwd_config_gpu(L: int):
+    """(TILE, BLOCK_D, num_warps) of the time-parallel backward: ~8 steps per thread, which keeps its
+    ~20 live tiles under 255 registers without spills (compiled for sm_90)."""
+    tile = parallel_tile(L)
+    return tile, 1, max(1, tile // 256)
+
+
+def fwd_config_gpu(batch: int, dim: int, N: int, sms: int):
+    """(BLOCK_D, num_warps) of the sequential forward on a GPU with ``sms`` SMs. One warp, one
+    channel per lane, all N states of a channel in that lane's registers: the sum over N stays in
+    the thread (no shared memory, no barrier; compiled for sm_90 this cut the instructions per
+    element from 2.9 at BLOCK_D 16 on 4 warps); 8 warps and 16 channels beyond N = 64."""
+    block_n = _block_n(N)
+    if block_n <= 64:
+        return 32, 1
+    return 16, 8
+
 
 def _fwd_config(batch: int, dim: int, N: int, device: torch.device):
-    """(BLOCK_D, num_warps) of the forward. The GPU choices come from compiling for sm_90 and reading
-    the register use (no GPU was available to time them): 32 channels × N <= 128 states on 4 warps
-    stays under 255 registers without spilling; smaller blocks (down to 8) when batch × channel
-    blocks would leave SMs idle — the scan is sequential in time, so those are its only parallelism."""
     if triton_interpreter_enabled() or device.type != "cuda":
         return INTERPRETER_BLOCK_D, 4
-    block_n = _block_n(N)
-    block = 32 if block_n <= 128 else 16
-    warps = 4 if block_n <= 128 else 8
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    while block > 8 and batch * triton.cdiv(dim, block) < 2 * sms:
-        block //= 2
-    return block, warps
+    return fwd_config_gpu(batch, dim, N, sm_count(device))
 
 
-def _bwd_config(N: int, device: torch.device):
+def bwd_config_gpu(N: int):
     """(BLOCK_D, num_warps) of the backward, which keeps ~6 state-sized tiles live: 8 channels per
     program with 1-4 warps by N compiles without spills for N <= 128 (sm_90, as above); 16 and 32
     channels spilled. Its dB/dC partial buffers are (dim / BLOCK_D, batch, N, L) fp32."""
-    if triton_interpreter_enabled() or device.type != "cuda":
-        return INTERPRETER_BLOCK_D, 4
     block_n = _block_n(N)
     return 8, (1 if block_n <= 8 else 2 if block_n <= 32 else 4 if block_n <= 128 else 8)
+
+
+def _bwd_config(N: int, device: torch.device):
+    if triton_interpreter_enabled() or device.type != "cuda":
+        return INTERPRETER_BLOCK_D, 4
+    return bwd_config_gpu(N)
 
 
 def _chunk(L: int) -> int:
@@ -63,7 +131,35 @@ def _contig(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
 
-def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, store_last, store_ckpt):
+def _alignment(L: int, dtype: torch.dtype, *tensors_strides) -> int:
+    """ALIGN of the time-parallel kernels: the largest power of two <= 16 bytes / element size that
+    divides L and every given stride (in elements), so rows start on 16-byte boundaries."""
+    size = torch.empty((), dtype=dtype).element_size()
+    a = max(1, 16 // size)
+    values = [L] + [int(s) for s in tensors_strides]
+    while a > 1 and any(v % a for v in values):
+        a //= 2
+    return a
+
+
+def _time_strided(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t itself when its time axis (last) has unit stride — the time-parallel kernels take the other
+    two strides — else a contiguous copy (z is the second half of the in_proj output: a view)."""
+    if t is None or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+# ------------------------------------------------------------------------------ sequential kernels
+
+#: A register cap for the sequential backward (None: none). It needs 168 registers at its host
+#: configuration (8 channels, 2 warps: 6 programs per SM, 1.3 waves at batch 64); capped at 128
+#: (8 programs per SM, one wave) it spills 128 bytes per thread (sm_90, triton 3.9), so no cap is set.
+#: (``maxnreg`` is an option of the NVIDIA backend in every Triton 3.x, CUDAOptions; only 3.9 was run here.)
+SEQUENTIAL_BWD_MAXNREG = None
+
+
+def _sequential_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, store_last, store_ckpt):
     batch, dim, L = u.shape
     N = A.shape[1]
     (BLOCK_D, num_warps), BLOCK_N, CHUNK = _fwd_config(batch, dim, N, u.device), _block_n(N), _chunk(L)
@@ -90,18 +186,167 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, 
     return out, last, ckpt
 
 
+def _sequential_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, ckpt, dout, dlast):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    (BLOCK_D, num_warps), BLOCK_N, CHUNK = _bwd_config(N, u.device), _block_n(N), _chunk(L)
+    n_chunks = triton.cdiv(L, CHUNK)
+    n_dblocks = triton.cdiv(dim, BLOCK_D)
+    dev, f32 = u.device, torch.float32
+    empty = batch * dim == 0  # nothing to launch (an empty grid is an error): zero partials
+    alloc = torch.zeros if empty else torch.empty
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    scratch = torch.empty(batch, CHUNK, N, dim, device=dev, dtype=f32)
+    dA_part = alloc(batch, N, dim, device=dev, dtype=f32)
+    dB_part = alloc(n_dblocks, batch, N, L, device=dev, dtype=f32)
+    dC_part = alloc(n_dblocks, batch, N, L, device=dev, dtype=f32)
+    dD_part = alloc(batch, dim, device=dev, dtype=f32) if D is not None else None
+    dbias_part = alloc(batch, dim, device=dev, dtype=f32) if delta_bias is not None else None
+    dummy = dA_part  # stands in for absent optional pointers (never touched: the flag is off)
+    extra = {}
+    if SEQUENTIAL_BWD_MAXNREG and dev.type == "cuda" and not triton_interpreter_enabled():
+        extra["maxnreg"] = SEQUENTIAL_BWD_MAXNREG
+    if not empty:
+        selective_scan_bwd_kernel[(batch, n_dblocks)](
+            u, delta, A.t().contiguous(), B, C,
+            dummy if D is None else D, dummy if z is None else z,
+            dummy if delta_bias is None else delta_bias, dummy if lengths is None else lengths,
+            dout, dummy if dlast is None else dlast, ckpt, scratch,
+            du, ddelta, dummy if dz is None else dz,
+            dA_part, dB_part, dC_part,
+            dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
+            batch, dim, L, N, n_chunks,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=delta_softplus, HAS_LENGTHS=lengths is not None, HAS_DLAST=dlast is not None,
+            CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, num_warps=num_warps, **extra,
+        )
+    # Deterministic host reductions of the per-program partials (fixed order, no atomics).
+    dA = dA_part.sum(0).t()
+    dB = dB_part.sum(0)
+    dC = dC_part.sum(0)
+    dD = None if D is None else dD_part.sum(0)
+    dbias = None if delta_bias is None else dbias_part.sum(0)
+    return du, ddelta, dz, dA, dB, dC, dD, dbias
+
+
+# --------------------------------------------------------------------------- time-parallel kernels
+
+def _parallel_config(L: int, device: torch.device, backward: bool):
+    if triton_interpreter_enabled() or device.type != "cuda":
+        return parallel_tile(L), INTERPRETER_BLOCK_D, 4
+    return (parallel_bwd_config_gpu if backward else parallel_fwd_config_gpu)(L)
+
+
+def _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths,
+                      store_out: bool, store_states: bool, last_out: bool):
+    """Returns (out or None, states (batch, n_tiles, dim, N) fp32 or None, out_last or None)."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    TILE, BLOCK_D, num_warps = _parallel_config(L, u.device, backward=False)
+    n_tiles = max(1, triton.cdiv(L, TILE))
+    store_states = store_states or last_out or n_tiles > 1  # several tiles carry the state through it
+    dev = u.device
+    out = torch.empty(batch, dim, L, device=dev, dtype=u.dtype) if store_out else None
+    states = torch.zeros(batch, n_tiles, dim, N, device=dev, dtype=torch.float32) if store_states else None
+    out_last = torch.empty(batch, dim, device=dev, dtype=u.dtype) if last_out else None
+    if batch * dim == 0 or L == 0:
+        return out, states, out_last  # nothing to launch: the states stay 0
+    zz = u if z is None else z
+    dummy = u  # stands in for absent optional pointers (never read: the flag is off)
+    ALIGN = _alignment(L, u.dtype, *u.stride()[:2], *delta.stride()[:2], *zz.stride()[:2], *B.stride()[:2],
+                       *C.stride()[:2], dim * L)
+    selective_scan_parallel_fwd_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
+        u, delta, A, B, C, dummy if D is None else D, zz,
+        dummy if delta_bias is None else delta_bias, dummy if lengths is None else lengths,
+        dummy if out is None else out, dummy if states is None else states, dummy if out_last is None else out_last,
+        dim, L, N, n_tiles,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), dim * L, L,
+        B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_LENGTHS=lengths is not None, STORE_OUT=store_out, STORE_STATES=store_states,
+        STORE_LAST_OUT=last_out, MULTI_TILE=n_tiles > 1,
+        ALIGN=ALIGN, TILE=TILE, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(N), num_warps=num_warps,
+    )
+    return out, states, out_last
+
+
+def _parallel_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, states, dout, dlast):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    TILE, BLOCK_D, num_warps = _parallel_config(L, u.device, backward=True)
+    n_tiles = max(1, triton.cdiv(L, TILE))
+    dev, f32 = u.device, torch.float32
+    du = torch.empty(batch, dim, L, device=dev, dtype=u.dtype)
+    ddelta = torch.empty(batch, dim, L, device=dev, dtype=delta.dtype)
+    dz = torch.empty(batch, dim, L, device=dev, dtype=z.dtype) if z is not None else None
+    dB = torch.zeros(batch, N, L, device=dev, dtype=f32)
+    dC = torch.zeros(batch, N, L, device=dev, dtype=f32)
+    dA_part = torch.zeros(batch, n_tiles, dim, N, device=dev, dtype=f32)
+    dD_part = torch.zeros(batch, n_tiles, dim, device=dev, dtype=f32) if D is not None else None
+    dbias_part = torch.zeros(batch, n_tiles, dim, device=dev, dtype=f32) if delta_bias is not None else None
+    has_dstate = dlast is not None or n_tiles > 1
+    dstate = None
+    if has_dstate:
+        dstate = torch.zeros(2, batch, dim, N, device=dev, dtype=f32)
+        if dlast is not None:
+            dstate[n_tiles % 2] = dlast
+    if batch * dim > 0 and L > 0:
+        zz = u if z is None else z
+        dummy = dA_part
+        # the kernel's time tiles are re-read from the states of the forward only with several tiles
+        ALIGN = _alignment(L, u.dtype, *u.stride()[:2], *delta.stride()[:2], *zz.stride()[:2], *dout.stride()[:2],
+                           *B.stride()[:2], *C.stride()[:2], dim * L, N * L)
+        selective_scan_parallel_bwd_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
+            u, delta, A, B, C, dummy if D is None else D, zz,
+            dummy if delta_bias is None else delta_bias, dummy if lengths is None else lengths,
+            dout, dummy if states is None else states, dummy if dstate is None else dstate,
+            du, ddelta, du if dz is None else dz, dB, dC, dA_part,
+            dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
+            batch, dim, L, N, n_tiles,
+            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
+            dout.stride(0), dout.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+            HAS_LENGTHS=lengths is not None, HAS_DSTATE=has_dstate, MULTI_TILE=n_tiles > 1,
+            ALIGN=ALIGN, TILE=TILE, BLOCK_D=BLOCK_D, num_warps=num_warps,
+        )
+    dA = dA_part.sum((0, 1))
+    dD = None if D is None else dD_part.sum((0, 1))
+    dbias = None if delta_bias is None else dbias_part.sum((0, 1))
+    return du, ddelta, dz, dA, dB, dC, dD, dbias
+
+
+# --------------------------------------------------------------------------------- autograd Function
+
 class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths):
-        u, delta, A, B, C, D, z, delta_bias, lengths = map(_contig, (u, delta, A, B, C, D, z, delta_bias, lengths))
         needs_grad = any(ctx.needs_input_grad)
-        out, last, ckpt = _scan_forward(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths,
-            store_last=return_last_state, store_ckpt=needs_grad,
-        )
+        L = u.shape[2]
+        parallel = use_time_parallel(u.shape[0], u.shape[1], L, needs_grad)
+        A, D, delta_bias, lengths = map(_contig, (A, D, delta_bias, lengths))
+        if parallel:
+            u, delta, z, B, C = map(_time_strided, (u, delta, z, B, C))
+            A = A.float()
+            out, states, _ = _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths,
+                                               store_out=True, store_states=return_last_state, last_out=False)
+            n_tiles = 1 if states is None else states.shape[1]
+            last = None
+            if return_last_state:
+                last = states[:, -1] if n_tiles == 1 else states[:, -1].clone()
+            saved_states = states if n_tiles > 1 else None
+        else:
+            u, delta, B, C, z = map(_contig, (u, delta, B, C, z))
+            out, last, saved_states = _sequential_forward(
+                u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths,
+                store_last=return_last_state, store_ckpt=needs_grad)
         if needs_grad:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, lengths, ckpt)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, lengths, saved_states)
             ctx.delta_softplus = delta_softplus
+            ctx.parallel = parallel
+            ctx.dtypes = (A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
+                          None if delta_bias is None else delta_bias.dtype)
         ctx.set_materialize_grads(False)
         if return_last_state:
             return out, last
@@ -110,55 +355,48 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlast=None):
-        u, delta, A, B, C, D, z, delta_bias, lengths, ckpt = ctx.saved_tensors
-        batch, dim, L = u.shape
-        N = A.shape[1]
+        u, delta, A, B, C, D, z, delta_bias, lengths, states = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(u)
-        dout = dout.contiguous()
         dlast = None if dlast is None else dlast.contiguous()
-        (BLOCK_D, num_warps), BLOCK_N, CHUNK = _bwd_config(N, u.device), _block_n(N), _chunk(L)
-        n_chunks = triton.cdiv(L, CHUNK)
-        n_dblocks = triton.cdiv(dim, BLOCK_D)
-        dev, f32 = u.device, torch.float32
-        empty = batch * dim == 0  # nothing to launch (an empty grid is an error): zero partials
-        alloc = torch.zeros if empty else torch.empty
-        du = torch.empty_like(u)
-        ddelta = torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-        scratch = torch.empty(batch, CHUNK, N, dim, device=dev, dtype=f32)
-        dA_part = alloc(batch, N, dim, device=dev, dtype=f32)
-        dB_part = alloc(n_dblocks, batch, N, L, device=dev, dtype=f32)
-        dC_part = alloc(n_dblocks, batch, N, L, device=dev, dtype=f32)
-        dD_part = alloc(batch, dim, device=dev, dtype=f32) if D is not None else None
-        dbias_part = alloc(batch, dim, device=dev, dtype=f32) if delta_bias is not None else None
-        dummy = dA_part  # stands in for absent optional pointers (never touched: the flag is off)
-        if not empty:
-            selective_scan_bwd_kernel[(batch, n_dblocks)](
-                u, delta, A.t().contiguous(), B, C,
-                dummy if D is None else D, dummy if z is None else z,
-                dummy if delta_bias is None else delta_bias, dummy if lengths is None else lengths,
-                dout, dummy if dlast is None else dlast, ckpt, scratch,
-                du, ddelta, dummy if dz is None else dz,
-                dA_part, dB_part, dC_part,
-                dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
-                batch, dim, L, N, n_chunks,
-                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=ctx.delta_softplus, HAS_LENGTHS=lengths is not None, HAS_DLAST=dlast is not None,
-                CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, num_warps=num_warps,
-            )
-        # Deterministic host reductions of the per-program partials (fixed order, no atomics).
-        dA = dA_part.sum(0).t().contiguous().to(A.dtype)
-        dB = dB_part.sum(0).to(B.dtype)
-        dC = dC_part.sum(0).to(C.dtype)
-        dD = None if D is None else dD_part.sum(0).to(D.dtype)
-        dbias = None if delta_bias is None else dbias_part.sum(0).to(delta_bias.dtype)
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None
+        if ctx.parallel:
+            dout = _time_strided(dout)
+            grads = _parallel_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, lengths, states,
+                                       dout, dlast)
+        else:
+            grads = _sequential_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, lengths, states,
+                                         dout.contiguous(), dlast)
+        du, ddelta, dz, dA, dB, dC, dD, dbias = grads
+        A_dt, B_dt, C_dt, D_dt, bias_dt = ctx.dtypes
+        return (du, ddelta, dA.contiguous().to(A_dt), dB.to(B_dt), dC.to(C_dt),
+                None if dD is None else dD.to(D_dt), dz, None if dbias is None else dbias.to(bias_dt),
+                None, None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths):
     """Fused Triton selective scan (inputs already validated by the public op)."""
     return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths)
+
+
+def selective_scan_final_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths):
+    """(out at each sequence's last step (batch, dim), last state (batch, dim, N) fp32); lengths >= 1.
+    Without gradients and on the time-parallel path, the kernel stores no per-step output: only
+    the end states, and y at the last step from them. Otherwise the whole scan runs and the last
+    steps are gathered (differentiable)."""
+    from .reference import last_positions
+
+    batch, dim, L = u.shape
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not wants_grad and use_time_parallel(batch, dim, L):
+        u, delta, z, B, C = map(_time_strided, (u, delta, z, B, C))
+        A, D, delta_bias, lengths = map(_contig, (A.float(), D, delta_bias, lengths))
+        _, states, out_last = _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths,
+                                                store_out=False, store_states=True, last_out=True)
+        return out_last, states[:, -1]
+    out, last = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, lengths)
+    idx = last_positions(lengths, batch, L, u.device)
+    return out[torch.arange(batch, device=u.device), :, idx], last
 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):

@@ -1,0 +1,103 @@
+"""The state a recommender carries between streaming updates (``init_state`` / ``prefill`` / ``step``).
+
+One ``StreamState`` serves a fixed batch of users (rows). Per layer it holds what that layer needs to
+take one more item in time independent of the history length, except where the model itself reads the
+history (DESIGN §10, "Streaming"):
+
+* M2Rec layer: ``conv`` (batch, d_inner, d_conv) the Mamba branch's conv window (its last inputs),
+  ``ssm`` (batch, d_inner, d_state) its SSM state (fp32; fp64 for a double model), and, with the
+  causal filter, ``filter`` (batch, max_len, d_model) the filter's last max_len inputs as a ring (the
+  input at position i in slot i mod max_len, zeros where there was none yet);
+* Mamba4Rec layer: ``conv`` and ``ssm``;
+* SASRec layer: ``k`` and ``v`` (batch, heads, max_len, d_model / heads), the attention's key/value
+  cache by position.
+
+``seen`` (batch,) counts the items each user has fed; ``hidden`` (batch, d_model) is the top layer's
+output after each user's last item, so that a user without a new item can be scored again without
+recomputation. ``step`` updates the state in place and returns it.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class StreamState:
+    owner: int                              # the model's stream token (see ``stream_token``)
+    model_name: str
+    layers: List[Dict[str, torch.Tensor]]
+    seen: torch.Tensor                      # (batch,) int64
+    hidden: torch.Tensor                    # (batch, d_model)
+
+    @property
+    def batch_size(self) -> int:
+        return self.seen.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+
+_next_token = [0]
+
+
+def stream_token(model: nn.Module) -> int:
+    """A number that identifies ``model`` for the states it makes (assigned on first use; not a
+    parameter or buffer, so never saved: a reloaded model makes new states)."""
+    token = model.__dict__.get("_stream_token")
+    if token is None:
+        _next_token[0] += 1
+        token = model.__dict__["_stream_token"] = _next_token[0]
+    return token
+
+
+def select_rows(layers: List[Dict[str, torch.Tensor]], rows: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+    """Copies of the layers' state tensors at ``rows`` (the users that take an item this step)."""
+    return [{k: v.index_select(0, rows) for k, v in layer.items()} for layer in layers]
+
+
+def write_rows(layers: List[Dict[str, torch.Tensor]], rows: torch.Tensor,
+               updated: List[Dict[str, torch.Tensor]]) -> None:
+    for layer, new in zip(layers, updated):
+        for k, v in new.items():
+            layer[k].index_copy_(0, rows, v)
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """Run with every submodule in eval mode (dropout off), then restore each one's own mode."""
+    modes = [(m, m.training) for m in module.modules()]
+    for m, _ in modes:  # what module.eval() does, without walking the tree again
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def check_items(name: str, items, state: StreamState, n_items: int) -> Optional[torch.Tensor]:
+    """``items`` (batch,) integer ids in [0, n_items] on the state's device (0 = no new item)."""
+    if not isinstance(items, torch.Tensor):
+        raise TypeError(f"{name}.step: items must be a torch.Tensor, got {type(items).__name__}")
+    if items.dtype.is_floating_point or items.is_complex() or items.dtype == torch.bool:
+        raise TypeError(f"{name}.step: items must be an integer tensor of item ids, got dtype {items.dtype}")
+    if items.shape != (state.batch_size,):
+        raise ValueError(f"{name}.step: items must have shape (batch,) = ({state.batch_size},) for this state, "
+                         f"got {tuple(items.shape)}")
+    if items.device != state.device:
+        raise ValueError(f"{name}.step: items is on {items.device} but the state is on {state.device}")
+    lo, hi = (int(v) for v in torch.stack([items.min(), items.max()]).tolist())
+    if lo < 0 or hi > n_items:
+        raise ValueError(f"{name}.step: items holds ids in [{lo}, {hi}], expected ids in [0, n_items={n_items}] "
+                         "(0 = no new item for that user)")
+    return items.long()

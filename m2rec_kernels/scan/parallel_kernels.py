@@ -1,0 +1,292 @@
+"""Time-parallel Triton kernels of the selective scan (DESIGN §4, §9): mamba's CUDA design.
+
+One program owns one sequence, BLOCK_D channels (1-4) and walks time in tiles of TILE steps (up to
+2048; a sequence of L <= TILE is one tile). Per tile it loads u, Δ, z coalesced along time, then
+loops over the N states: for state n it loads the B and C rows of the tile, forms the pairs
+(decay, input) = (exp(Δ·A[n]), Δ·u·B[n]) and runs ``tl.associative_scan`` along time, which turns
+the recurrence h_t = decay_t·h_{t-1} + input_t into a parallel prefix; the state entering the tile
+(carried from the previous tile) is folded in with the scan's cumulative decay. y accumulates
+h·C[n] over the states. This is the structure of mamba_ssm's ``selective_scan_fwd_kernel.cuh`` and
+``selective_scan_bwd_kernel.cuh`` (state-spaces/mamba, csrc/selective_scan): a block scan over a
+chunk of up to 2048 steps per (batch, channel), a loop over states, a running prefix per state.
+Written here for Triton; no code is taken from it.
+
+Steps t >= length (and the padding t >= L) have Δ = 0: decay 1, input 0, so they are the identity
+and the state after the last column of the last tile is the state after each sequence's own last
+step. The state at the end of every tile goes to ``states`` (batch, n_tiles, dim, N) fp32: it is
+the carry into the next tile, the checkpoint the backward restarts each tile from, and (last tile)
+the final state.
+
+Backward (reverse time, per tile, last tile first; per state n):
+  1. recompute the tile's forward scan from its checkpoint: h_t, and decay_t·h_{t-1} = h_t - input_t
+     (a subtraction as mamba does; never a division by the decay);
+  2. dh_t = g_t·C_t + decay_{t+1}·dh_{t+1} is a reverse scan over the pairs (decay_{t+1}, g_t·C_t),
+     with dh entering from the next tile (or d(last_state)) folded in; decay_{t+1} comes from Δ
+     loaded one step later (no shuffle across threads);
+  3. DESIGN §9's formulas: du, dΔ accumulate over n in registers; dA (per program and tile), dD and
+     d(delta_bias) go to small per-program partial buffers that the host sums (deterministic); dB and
+     dC (sums over channels) are added with fp32 atomics into (batch, N, L), as mamba's CUDA
+     backward does — per-channel-block partials would be n_dblocks × batch × N × L × 4 bytes each
+     (4 GB at batch 64, L 2000, 128 channel blocks). The order of those additions varies from run to
+     run; ``torch.use_deterministic_algorithms(True)`` makes the host use the sequential backward,
+     whose reductions are all deterministic.
+
+Addressing: u, Δ, z, out, dout and the gradients take (batch, channel) strides with unit stride in
+time; B and C take (batch, state) strides. Grouped B/C (batch, G, N, L) add a group stride times
+``channel // (dim / G)``, and time-invariant B/C (dim, N) a channel stride with time stride 0 —
+both fit these loads without changing the kernels' structure (issue 9).
+
+``ALIGN`` (host-chosen: the largest power of two <= 16 bytes / element size dividing L and every
+stride) tells the compiler that rows start on 16-byte boundaries and that the time mask is constant
+over ALIGN steps, so the tile loads vectorise; without it (L = 37, say) they are scalar loads.
+"""
+import triton
+import triton.language as tl
+
+from .kernels import _softplus
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _linear_combine(a_first, b_first, a_then, b_then):
+    # (a, b) stands for h -> a·h + b; apply "first", then "then"
+    return a_first * a_then, a_then * b_first + b_then
+
+
+@triton.jit
+def _reverse_combine(a_later, b_later, a_earlier, b_earlier):
+    # reverse scan of r_t = b_t + a_t·r_{t+1}: the right operand is the earlier segment
+    return a_later * a_earlier, b_earlier + a_earlier * b_later
+
+
+@triton.jit
+def _aligned(x, ALIGN: tl.constexpr):
+    # x is a multiple of ALIGN (the host checked): written so that the compiler can see it
+    # (tl.multiple_of does not reach scalar arguments)
+    if ALIGN > 1:
+        x = (x // ALIGN) * ALIGN
+    return x
+
+
+@triton.jit
+def _tile_delta(delta_rows, offs_t, mask, bias, length, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(Δ, pre-softplus value) of a (BLOCK_D, TILE) tile in fp32; Δ = 0 at steps t >= length."""
+    x = tl.load(delta_rows[:, None] + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x = x + bias[:, None]
+    dt = x
+    if SOFTPLUS:
+        dt = _softplus(x)
+    dt = tl.where(offs_t[None, :] < length, dt, 0.0)
+    return dt, x
+
+
+@triton.jit
+def _channels(A_ptr, bias_ptr, D_ptr, lengths_ptr, pid_b, pid_d, dim, L,
+              HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    length = L
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + pid_b).to(tl.int32)
+    return offs_d, mask_d, bias, Dv, length
+
+
+@triton.jit
+def selective_scan_parallel_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, lengths_ptr,
+    out_ptr, states_ptr, out_last_ptr,
+    dim, L, N, n_tiles,
+    s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_o_b, s_o_d, s_B_b, s_B_n, s_C_b, s_C_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, STORE_OUT: tl.constexpr, STORE_STATES: tl.constexpr,
+    STORE_LAST_OUT: tl.constexpr, MULTI_TILE: tl.constexpr,
+    ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (batch, cdiv(dim, BLOCK_D)). A: (dim, N) fp32 contiguous; states: (batch, n_tiles, dim,
+    N) fp32, written when STORE_STATES (needed for several tiles, the backward, the last state);
+    out_last: (batch, dim), the output at step length - 1 (STORE_LAST_OUT, which needs the states)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    L = _aligned(L, ALIGN)
+    offs_d, mask_d, bias, Dv, length = _channels(A_ptr, bias_ptr, D_ptr, lengths_ptr, pid_b, pid_d, dim, L,
+                                                 HAS_BIAS, HAS_D, HAS_LENGTHS, BLOCK_D)
+    u_rows = u_ptr + pid_b * s_u_b + offs_d * _aligned(s_u_d, ALIGN)
+    dl_rows = delta_ptr + pid_b * s_dl_b + offs_d * _aligned(s_dl_d, ALIGN)
+    z_rows = z_ptr + pid_b * s_z_b + offs_d * _aligned(s_z_d, ALIGN)
+    o_rows = out_ptr + pid_b * s_o_b + offs_d * _aligned(s_o_d, ALIGN)
+    B_row = B_ptr + pid_b * s_B_b
+    C_row = C_ptr + pid_b * s_C_b
+    s_B_n = _aligned(s_B_n, ALIGN)
+    s_C_n = _aligned(s_C_n, ALIGN)
+    state_rows = states_ptr + (pid_b * n_tiles * dim + offs_d) * N  # + tile·dim·N + n
+    A_rows = A_ptr + offs_d * N
+    is_last_col = tl.arange(0, TILE) == TILE - 1
+
+    for c in range(0, n_tiles):
+        offs_t = c * TILE + tl.arange(0, TILE)
+        mask_t = offs_t < L
+        mask = mask_d[:, None] & mask_t[None, :]
+        dt, _ = _tile_delta(dl_rows, offs_t, mask, bias, length, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_rows[:, None] + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        dt_u = dt * u
+        dt_l = dt * LOG2E
+        y = tl.zeros((BLOCK_D, TILE), tl.float32)
+        if MULTI_TILE:
+            tl.debug_barrier()  # the previous tile's end states (the carry) are written
+        for n in range(0, N):
+            A_n = tl.load(A_rows + n, mask=mask_d, other=0.0)
+            B_n = tl.load(B_row + n * s_B_n + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            decay = tl.exp2(dt_l * A_n[:, None])
+            decay_cum, h = tl.associative_scan((decay, dt_u * B_n[None, :]), 1, _linear_combine)
+            if MULTI_TILE:
+                h0 = tl.load(state_rows + (c - 1) * dim * N + n, mask=mask_d & (offs_d * 0 + c > 0), other=0.0)
+                h += decay_cum * h0[:, None]
+            if STORE_STATES:
+                tl.store(state_rows[:, None] + c * dim * N + n + 0 * offs_t[None, :], h,
+                         mask=mask_d[:, None] & is_last_col[None, :])
+            if STORE_OUT:
+                C_n = tl.load(C_row + n * s_C_n + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+                y += h * C_n[None, :]
+        if STORE_OUT:
+            if HAS_D:
+                y += Dv[:, None] * u
+            if HAS_Z:
+                zt = tl.load(z_rows[:, None] + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+                y = y * zt * tl.sigmoid(zt)
+            tl.store(o_rows[:, None] + offs_t[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    if STORE_LAST_OUT:
+        # y at each sequence's last step from the final state: Σ_n h·C + D·u, gated (length >= 1)
+        tl.debug_barrier()
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        h = tl.load(state_rows[:, None] + (n_tiles - 1) * dim * N + offs_n[None, :],
+                    mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        t_last = length - 1
+        C_last = tl.load(C_row + offs_n * s_C_n + t_last, mask=mask_n, other=0.0).to(tl.float32)
+        y = tl.sum(h * C_last[None, :], axis=1)
+        u_last = tl.load(u_rows + t_last, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_D:
+            y += Dv * u_last
+        if HAS_Z:
+            z_last = tl.load(z_rows + t_last, mask=mask_d, other=0.0).to(tl.float32)
+            y = y * z_last * tl.sigmoid(z_last)
+        tl.store(out_last_ptr + pid_b * dim + offs_d, y.to(out_last_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def selective_scan_parallel_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, lengths_ptr,
+    dout_ptr, states_ptr, dstate_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
+    batch, dim, L, N, n_tiles,
+    s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_B_b, s_B_n, s_C_b, s_C_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_DSTATE: tl.constexpr, MULTI_TILE: tl.constexpr,
+    ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (batch, cdiv(dim, BLOCK_D)). states: the forward's (batch, n_tiles, dim, N) fp32 (read
+    when MULTI_TILE). dstate: (2, batch, dim, N) fp32, dh carried between tiles (HAS_DSTATE): tile c
+    reads slot (c + 1) % 2 and writes slot c % 2; the host puts d(last_state) (or zeros) in slot
+    n_tiles % 2. du, ddelta, dz: contiguous (batch, dim, L) in the input dtypes; dB, dC: (batch, N, L)
+    fp32, zeroed, added to atomically; dA_part (batch, n_tiles, dim, N), dD_part and dbias_part
+    (batch, n_tiles, dim) fp32 partial sums."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    L = _aligned(L, ALIGN)
+    offs_d, mask_d, bias, Dv, length = _channels(A_ptr, bias_ptr, D_ptr, lengths_ptr, pid_b, pid_d, dim, L,
+                                                 HAS_BIAS, HAS_D, HAS_LENGTHS, BLOCK_D)
+    u_rows = u_ptr + pid_b * s_u_b + offs_d * _aligned(s_u_d, ALIGN)
+    dl_rows = delta_ptr + pid_b * s_dl_b + offs_d * _aligned(s_dl_d, ALIGN)
+    z_rows = z_ptr + pid_b * s_z_b + offs_d * _aligned(s_z_d, ALIGN)
+    do_rows = dout_ptr + pid_b * s_do_b + offs_d * _aligned(s_do_d, ALIGN)
+    g_rows = (pid_b * dim + offs_d) * L  # du, ddelta, dz: contiguous (batch, dim, L)
+    B_row = B_ptr + pid_b * s_B_b
+    C_row = C_ptr + pid_b * s_C_b
+    s_B_n = _aligned(s_B_n, ALIGN)
+    s_C_n = _aligned(s_C_n, ALIGN)
+    dBC_row = pid_b * N * L  # dB, dC: contiguous (batch, N, L)
+    state_rows = states_ptr + (pid_b * n_tiles * dim + offs_d) * N
+    dstate_rows = dstate_ptr + (pid_b * dim + offs_d) * N  # + slot·batch·dim·N + n
+    part_rows = (pid_b * n_tiles * dim + offs_d)  # + tile·dim, then ·N + n for dA
+    A_rows = A_ptr + offs_d * N
+    is_first_col = tl.arange(0, TILE) == 0
+
+    for cc in range(0, n_tiles):
+        c = n_tiles - 1 - cc
+        offs_t = c * TILE + tl.arange(0, TILE)
+        mask_t = offs_t < L
+        mask = mask_d[:, None] & mask_t[None, :]
+        dt, x = _tile_delta(dl_rows, offs_t, mask, bias, length, HAS_BIAS, SOFTPLUS)
+        # Δ one step later gives decay_{t+1} for the reverse scan (1 past the end: Δ = 0)
+        dt_next, _ = _tile_delta(dl_rows, offs_t + 1, mask_d[:, None] & (offs_t + 1 < L)[None, :], bias,
+                                 length, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_rows[:, None] + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(do_rows[:, None] + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = dout  # the gradient reaching y + D·u
+        if HAS_Z:
+            zt = tl.load(z_rows[:, None] + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(zt)
+            g = dout * zt * sig
+        dt_u = dt * u
+        dt_l = dt * LOG2E
+        dt_l_next = dt_next * LOG2E
+        dh_B = tl.zeros((BLOCK_D, TILE), tl.float32)   # Σ_n dh·B
+        dh_Eh_A = tl.zeros((BLOCK_D, TILE), tl.float32)  # Σ_n dh·decay·h_{t-1}·A
+        y = tl.zeros((BLOCK_D, TILE), tl.float32)
+        if MULTI_TILE:
+            tl.debug_barrier()  # the later tile's dh carry is written
+        for n in range(0, N):
+            A_n = tl.load(A_rows + n, mask=mask_d, other=0.0)
+            B_n = tl.load(B_row + n * s_B_n + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            C_n = tl.load(C_row + n * s_C_n + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            # 1) the tile's states, recomputed from its checkpoint
+            inp = dt_u * B_n[None, :]
+            decay_cum, h = tl.associative_scan((tl.exp2(dt_l * A_n[:, None]), inp), 1, _linear_combine)
+            if MULTI_TILE:
+                h0 = tl.load(state_rows + (c - 1) * dim * N + n, mask=mask_d & (offs_d * 0 + c > 0), other=0.0)
+                h += decay_cum * h0[:, None]
+            if HAS_Z:
+                y += h * C_n[None, :]
+            # 2) dh_t = g_t·C_t + decay_{t+1}·dh_{t+1}, reverse scan; dh from the later tile folded in
+            gC = g * C_n[None, :]
+            decay_next = tl.exp2(dt_l_next * A_n[:, None])
+            carry_cum, dh = tl.associative_scan((decay_next, gC), 1, _reverse_combine, reverse=True)
+            if HAS_DSTATE:
+                dh_in = tl.load(dstate_rows + ((c + 1) % 2) * batch * dim * N + n, mask=mask_d, other=0.0)
+                dh += carry_cum * dh_in[:, None]
+                tl.store(dstate_rows[:, None] + (c % 2) * batch * dim * N + n + 0 * offs_t[None, :], dh,
+                         mask=mask_d[:, None] & is_first_col[None, :])
+            # 3) DESIGN §9 with decay_t·h_{t-1} = h_t - input_t
+            dh_Eh = dh * (h - inp)
+            dh_B += dh * B_n[None, :]
+            dh_Eh_A += dh_Eh * A_n[:, None]
+            tl.store(dA_part_ptr + (part_rows + c * dim) * N + n, tl.sum(dh_Eh * dt, axis=1), mask=mask_d)
+            tl.atomic_add(dB_ptr + dBC_row + n * L + offs_t, tl.sum(dh * dt_u, axis=0), mask=mask_t, sem="relaxed")
+            tl.atomic_add(dC_ptr + dBC_row + n * L + offs_t, tl.sum(g * h, axis=0), mask=mask_t, sem="relaxed")
+        du = dt * dh_B
+        ddt = u * dh_B + dh_Eh_A
+        ddt = tl.where(offs_t[None, :] < length, ddt, 0.0)
+        if SOFTPLUS:
+            ddt = tl.where(x <= 20.0, ddt * tl.sigmoid(x), ddt)
+        if HAS_D:
+            du += Dv[:, None] * g
+            tl.store(dD_part_ptr + part_rows + c * dim, tl.sum(g * u, axis=1), mask=mask_d)
+        if HAS_BIAS:
+            tl.store(dbias_part_ptr + part_rows + c * dim, tl.sum(ddt, axis=1), mask=mask_d)
+        if HAS_Z:
+            yD = y
+            if HAS_D:
+                yD += Dv[:, None] * u
+            dz = dout * yD * sig * (1.0 + zt * (1.0 - sig))  # silu'(z) = σ(z)(1 + z(1 − σ(z)))
+            tl.store(dz_ptr + g_rows[:, None] + offs_t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(du_ptr + g_rows[:, None] + offs_t[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + g_rows[:, None] + offs_t[None, :], ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)

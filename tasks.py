@@ -20,6 +20,10 @@ redone only when this file or pyproject.toml changes. Environment knobs:
   CPU wheel on the CI machines; installing torch first stops other packages from pulling a CUDA build).
 * ``M2REC_SKIP_MAMBA=1`` — do not install mamba-ssm (the cross-check tests then skip and say why).
 
+Set-up also builds the compiled CPU selective scan (``m2rec_kernels/scan/cpu_build.py``, C++ through
+torch's extension builder) whenever its sources or torch changed; a failed build is reported, not fatal
+(the scan then runs the PyTorch reference on CPU, with one warning).
+
 Only the standard library is used here, so it runs before anything is installed.
 """
 from __future__ import annotations
@@ -67,13 +71,23 @@ def recbole_supported() -> bool:
     return sys.version_info < (3, 13)
 
 
+def build_cpu_kernels(py: str) -> None:
+    """Build the compiled CPU scan into m2rec_kernels/scan/_cpu_lib when it is missing or stale (returns
+    at once otherwise), so that no call ever compiles. Not fatal when it fails."""
+    rc = subprocess.call([py, "-m", "m2rec_kernels.scan.cpu_build"], cwd=ROOT)
+    if rc != 0:
+        log(f"the compiled CPU scan could not be built (exit {rc}); the PyTorch reference scan will be used")
+
+
 def ensure_env() -> str:
     """Return the Python interpreter to run with, setting up .venv when needed."""
     if os.environ.get("M2REC_PYTHON"):
+        build_cpu_kernels(os.environ["M2REC_PYTHON"])
         return os.environ["M2REC_PYTHON"]
     py = venv_python()
     fingerprint = setup_fingerprint()
     if py.exists() and STAMP.exists() and STAMP.read_text() == fingerprint:
+        build_cpu_kernels(str(py))
         return str(py)
     t0 = time.time()
     keep_torch = os.environ.get("M2REC_KEEP_TORCH", "0") not in ("", "0")
@@ -102,6 +116,7 @@ def ensure_env() -> str:
         if rc != 0:
             log("mamba-ssm could not be installed; the mamba_ssm cross-check tests will skip")
     STAMP.write_text(fingerprint)
+    build_cpu_kernels(str(py))
     log(f"environment ready in {time.time() - t0:.0f}s")
     return str(py)
 

@@ -49,6 +49,24 @@ def triton_not_run_reason(device: torch.device) -> Optional[str]:
     return None
 
 
+def cpu_scan_not_run_reason(device: torch.device) -> Optional[str]:
+    """None when the compiled CPU selective scan (backend "cpu") runs here; otherwise why not."""
+    if device.type != "cpu":
+        return "the compiled CPU scan (backend 'cpu') runs on CPU tensors; this is a CUDA run"
+    from m2rec_kernels.scan.cpu import cpu_scan_status
+
+    st = cpu_scan_status()
+    return None if st.available else f"compiled CPU scan not available: {st.reason}"
+
+
+def cpu_scan_note() -> str:
+    """Which compiled scan variant a "cpu" row ran (for the results' ``impl``)."""
+    from m2rec_kernels.scan.cpu import cpu_scan_status
+
+    st = cpu_scan_status()
+    return f"compiled C++ scan, {st.isa} variant" if st.available else f"PyTorch reference scan ({st.reason})"
+
+
 def mamba_cuda_scan() -> Tuple[Optional[Callable], str]:
     """mamba_ssm's ``selective_scan_fn`` backed by its CUDA extension, or (None, reason)."""
     from m2rec.mamba_ssm_compat import import_mamba_ssm

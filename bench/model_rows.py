@@ -5,8 +5,8 @@ from typing import Callable
 
 import torch
 
-from .availability import (budget_not_run_reason, mamba_cuda_scan, triton_not_run_reason,
-                           unfused_m2rec_not_run_reason)
+from .availability import (budget_not_run_reason, cpu_scan_not_run_reason, mamba_cuda_scan,
+                           triton_not_run_reason, unfused_m2rec_not_run_reason)
 from .grids import D_MODEL, Grid
 from .memory_probe import cuda_peak_mb
 from .workloads import build_bench_model, random_batch
@@ -18,13 +18,13 @@ def prepare_model_row(benchmark, not_run, grid: Grid, device: torch.device, kind
                       backend: str, L: int, batch: int, make_call: Callable) -> Callable[[], object]:
     """Build the model, record the row's fields in ``benchmark.extra_info`` (and the CUDA peak memory,
     measured after one warm-up call so compilation is not counted), and return the call to time.
-    ``make_call(model, item_seq, lengths, targets)`` builds that call. A Triton row that cannot run
-    here is recorded as not run (and skipped) instead."""
+    ``make_call(model, item_seq, lengths, targets)`` builds that call. A Triton or compiled-CPU row
+    that cannot run here is recorded as not run (and skipped) instead."""
     fields = dict(kind=kind, name=name, backend=backend, L=L, batch=batch, device=device.type)
     if budget_not_run_reason() is not None:
         not_run(budget_not_run_reason(), **fields)
-    if backend == "triton":
-        reason = triton_not_run_reason(device)
+    if backend in ("triton", "cpu"):
+        reason = (triton_not_run_reason if backend == "triton" else cpu_scan_not_run_reason)(device)
         if reason is not None:
             not_run(reason, **fields)
     if name == "m2rec_unfused":

@@ -35,10 +35,12 @@ from .results import file_name, load_results  # noqa: E402
 
 MODEL_NAMES = {"m2rec": "M2Rec", "mamba4rec": "Mamba4Rec", "sasrec": "SASRec", "m2rec_unfused": "M2Rec unfused"}
 MODEL_COLORS = {"m2rec": "#1f77b4", "mamba4rec": "#ff7f0e", "sasrec": "#2ca02c", "m2rec_unfused": "#9467bd"}
-BACKEND_COLORS = {"triton": "#1f77b4", "triton-dft": "#9467bd", "torch": "#7f7f7f", "torch.fft": "#2ca02c",
-                  "mamba_ssm": "#d62728",
+BACKEND_COLORS = {"triton": "#1f77b4", "triton-dft": "#9467bd", "cpu": "#17becf", "torch": "#7f7f7f",
+                  "torch.fft": "#2ca02c", "mamba_ssm": "#d62728",
                   "mamba_ssm_ref": "#ff7f0e"}
-OPS = ("selective_scan", "fft_filter", "causal_filter", "gated_fusion")
+OPS = ("selective_scan", "selective_scan_final", "fft_filter", "causal_filter", "gated_fusion")
+#: M2Rec's line style per kernel backend (the models' colours are fixed)
+M2REC_LINESTYLES = {"triton": "-", "cpu": "-."}
 PASS_TITLES = {"op_forward": "forward", "op_forward_backward": "forward + backward"}
 
 
@@ -47,8 +49,8 @@ def series_label(name: str, backend: str) -> str:
 
 
 def _style(name: str, backend: str) -> Dict:
-    dashed = name == "m2rec" and backend != "triton"
-    return dict(color=MODEL_COLORS.get(name, "black"), linestyle="--" if dashed else "-",
+    linestyle = M2REC_LINESTYLES.get(backend, "--") if name == "m2rec" else "-"
+    return dict(color=MODEL_COLORS.get(name, "black"), linestyle=linestyle,
                 marker={"m2rec": "o", "mamba4rec": "s", "sasrec": "^", "m2rec_unfused": "D"}.get(name, "x"))
 
 
@@ -195,7 +197,7 @@ def plot_speedup(data: Dict, source: Path, out: Path) -> Path:
                 if not xs:
                     continue
                 style = dict(color=MODEL_COLORS.get(bname, "black"),
-                             linestyle="-" if mback == "triton" else "--", marker="o")
+                             linestyle=M2REC_LINESTYLES.get(mback, "--"), marker="o")
                 ax.plot(xs, ys, label=f"{series_label(mname, mback)} vs {series_label(bname, bback)}", **style)
                 for x, y in zip(xs, ys):
                     ax.annotate(f"{y:.3g}x", (x, y), textcoords="offset points", xytext=(0, 5),
@@ -239,7 +241,7 @@ def _ms(v: float) -> str:
 
 def plot_ops(data: Dict, source: Path, out: Path) -> Path:
     rows = [r for r in data["rows"] if r["kind"] in PASS_TITLES]
-    order = ("triton", "triton-dft", "torch", "torch.fft", "mamba_ssm", "mamba_ssm_ref")
+    order = ("triton", "triton-dft", "cpu", "torch", "torch.fft", "mamba_ssm", "mamba_ssm_ref")
     backends = [b for b in order if any(r["backend"] == b for r in rows)]
     ran = {b for b in backends if any(r["backend"] == b and r["status"] == "ok" for r in rows)}
     fig, axes = _panels(2, width=6.4, height=4.8)
@@ -321,7 +323,7 @@ def plot_training(data: Dict, source: Path, out: Path) -> Path:
                 continue
             rate = batch / (float(r["median_ms"]) / 1e3)
             ax.bar(x, rate, width, color=_style(name, backend)["color"],
-                   hatch="//" if _style(name, backend)["linestyle"] == "--" else None,
+                   hatch={"--": "//", "-.": ".."}.get(_style(name, backend)["linestyle"]),
                    edgecolor="white", label=series_label(name, backend))
             ax.text(x, rate, f"{rate:.3g}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(configs)))

@@ -83,9 +83,16 @@ def run_memory_probes(rows: List[Dict], workers: int = 2) -> List[Dict]:
     for r in rows:
         if r["kind"] == "inference" and r["status"] == "ok":
             by_label[(r["name"], r["backend"], r["L"], r["batch"])] = r
-    case_backend = {name: backend for name, backend in MODEL_CASES if backend != "triton"}
-    jobs = sorted({(name, case_backend[name], L, b) for (name, _, L, b) in by_label if name in case_backend},
-                  key=lambda j: (j[2] * j[3], j[0]))
+    cases = [(name, backend) for name, backend in MODEL_CASES if backend != "triton"]
+
+    def case_backend(name, label):  # the row's label is the case's backend, or its only case's (auto -> mixer-cpu)
+        if (name, label) in cases:
+            return label
+        own = [b for n, b in cases if n == name]
+        return own[0] if len(own) == 1 else None
+
+    jobs = sorted({(name, case_backend(name, label), L, b) for (name, label, L, b) in by_label
+                   if case_backend(name, label) is not None}, key=lambda j: (j[2] * j[3], j[0], j[1]))
     n_items = current_grid().n_items
     log(f"memory probes: {len(jobs)} fresh processes, {workers} at a time")
     t0 = time.time()

@@ -2,9 +2,12 @@
 
 Backends compared per op:
 
-* ``selective_scan`` — ``triton`` (fused kernel), ``torch`` (our reference), ``mamba_ssm`` (its
-  ``selective_scan_fn`` with the CUDA extension, the op a Mamba user would call) and ``mamba_ssm_ref``
-  (mamba_ssm's own PyTorch ``selective_scan_ref``, the only mamba_ssm path on a CPU);
+* ``selective_scan`` — ``triton`` (fused kernel), ``cpu`` (the compiled C++ scan, CPU only; ``impl``
+  names its ISA variant), ``torch`` (our reference), ``mamba_ssm`` (its ``selective_scan_fn`` with the
+  CUDA extension, the op a Mamba user would call) and ``mamba_ssm_ref`` (mamba_ssm's own PyTorch
+  ``selective_scan_ref``, the only mamba_ssm path on a CPU);
+* ``selective_scan_final`` (forward only: the output at each sequence's last step and the final state,
+  what last-position inference needs) — ``cpu`` and ``torch``;
 * ``fft_filter`` (causal weight, K = L taps, n_fft = next power of two >= 2L-1) — ``triton`` (the direct
   kernel on the taps irfft(W) for L <= 256, over the whole L × L matrix), ``triton-dft`` (the dense-DFT
   kernel, which fft_filter no longer routes to: timed so that a GPU run can confirm the static estimate
@@ -27,7 +30,8 @@ import torch
 
 from m2rec_kernels.freq_filter import causal_n_fft, causal_weight
 
-from .availability import budget_not_run_reason, mamba_cuda_scan, mamba_reference_scan, triton_not_run_reason
+from .availability import (budget_not_run_reason, cpu_scan_not_run_reason, cpu_scan_note, mamba_cuda_scan,
+                           mamba_reference_scan, triton_not_run_reason)
 from .grids import smoke_mode
 from .memory_probe import cuda_peak_mb
 from .model_rows import CUDA_MEM_METHOD
@@ -35,7 +39,7 @@ from .timing import run_timed
 
 PASSES = ("forward", "forward_backward")
 CASES = [
-    ("selective_scan", "triton"), ("selective_scan", "torch"),
+    ("selective_scan", "triton"), ("selective_scan", "cpu"), ("selective_scan", "torch"),
     ("selective_scan", "mamba_ssm"), ("selective_scan", "mamba_ssm_ref"),
     ("fft_filter", "triton"), ("fft_filter", "triton-dft"), ("fft_filter", "torch"), ("fft_filter", "torch.fft"),
     ("causal_filter", "triton"), ("causal_filter", "torch"), ("causal_filter", "torch.fft"),
@@ -58,7 +62,7 @@ def _scan_inputs(batch, L, d, N, device, requires_grad):
 
 
 def _scan_call(backend):
-    if backend in ("torch", "triton"):
+    if backend in ("torch", "triton", "cpu"):
         from m2rec_kernels import selective_scan
 
         return lambda a: selective_scan(**a, delta_softplus=True, backend=backend)
@@ -189,6 +193,8 @@ def _unavailable(op, backend, pass_, device):
         return SLOW_REF_BACKWARD
     if backend in ("triton", "triton-dft"):
         return triton_not_run_reason(device)
+    if backend == "cpu":
+        return cpu_scan_not_run_reason(device)
     if backend == "mamba_ssm":
         fn, why = mamba_cuda_scan()
         return None if fn is not None else why
@@ -207,6 +213,8 @@ def _impl_note(op, backend):
         return "dense-DFT Triton kernel (freq_filter/kernels.py), not routed by fft_filter (paths.py)"
     if backend == "torch.fft":
         return "plain torch.fft.rfft/irfft (FMLP-Rec formula)" + (", rfft of the kernel" if op == "causal_filter" else "")
+    if backend == "cpu":
+        return f"m2rec_kernels.{op}(backend='cpu'): {cpu_scan_note()}"
     return f"m2rec_kernels.{op}(backend={backend!r})"
 
 
@@ -227,3 +235,35 @@ def test_op(benchmark, grid, bench_dev, not_run, op, backend, pass_):
         benchmark.extra_info["peak_mem_mb"] = cuda_peak_mb(fn, bench_dev)
         benchmark.extra_info["mem_method"] = CUDA_MEM_METHOD
     run_timed(benchmark, fn, bench_dev, grid)
+
+
+FINAL_BACKENDS = ("triton", "cpu", "torch")
+
+
+@pytest.mark.parametrize("backend", FINAL_BACKENDS)
+def test_selective_scan_final(benchmark, grid, bench_dev, not_run, backend):
+    """``selective_scan_final`` forward (no gradients): the compiled CPU kernel never forms the per-step
+    outputs; the reference skips them too."""
+    batch, L, d, N = grid.scan
+    fields = dict(kind="op_forward", name="selective_scan_final", backend=backend, device=bench_dev.type,
+                  batch=batch, L=L)
+    reason = budget_not_run_reason() or {"triton": triton_not_run_reason, "cpu": cpu_scan_not_run_reason}.get(
+        backend, lambda _: None)(bench_dev)
+    if reason is not None:
+        not_run(reason, **fields)
+    from m2rec_kernels import selective_scan_final
+
+    args = _scan_inputs(batch, L, d, N, bench_dev, False)
+
+    def forward():
+        with torch.no_grad():
+            return selective_scan_final(**args, delta_softplus=True, backend=backend)
+
+    benchmark.group = "selective_scan_final forward"
+    benchmark.extra_info.update(fields, impl=_impl_note("selective_scan_final", backend),
+                                shape=dict(batch=batch, L=L, d=d, d_state=N), dtype="float32")
+    if bench_dev.type == "cuda":
+        forward()  # warm-up: Triton compilation stays out of the peak
+        benchmark.extra_info["peak_mem_mb"] = cuda_peak_mb(forward, bench_dev)
+        benchmark.extra_info["mem_method"] = CUDA_MEM_METHOD
+    run_timed(benchmark, forward, bench_dev, grid)

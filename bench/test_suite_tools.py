@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .availability import triton_not_run_reason
+from .availability import cpu_scan_not_run_reason, triton_not_run_reason
 from .memory_probe import probe_in_subprocess
 from .plots import plot_results
 from .results import attach_memory, load_results, rows_from_not_run, rows_from_pytest_benchmark, write_results
@@ -61,6 +61,15 @@ def _raw(mean_s, batch, **info):
 def _example_rows():
     raw = {"benchmarks": [
         _raw(0.5, 64, kind="inference", name="m2rec", backend="torch", L=200, device="cpu", impl="x"),
+        _raw(0.2, 64, kind="inference", name="m2rec", backend="cpu", L=200, device="cpu", impl="x"),
+        _raw(0.3, 64, kind="inference", name="mamba4rec", backend="mixer-cpu", L=200, device="cpu", impl="x"),
+        _raw(0.1, 64, kind="op_forward", name="selective_scan", backend="torch", L=200, device="cpu"),
+        _raw(0.015, 64, kind="op_forward", name="selective_scan", backend="cpu", L=200, device="cpu"),
+        _raw(0.011, 64, kind="op_forward", name="selective_scan_final", backend="cpu", L=200, device="cpu"),
+        _raw(0.08, 64, kind="op_forward", name="selective_scan_final", backend="torch", L=200, device="cpu"),
+        _raw(0.4, 64, kind="op_forward_backward", name="selective_scan", backend="torch", L=200, device="cpu"),
+        _raw(0.07, 64, kind="op_forward_backward", name="selective_scan", backend="cpu", L=200, device="cpu"),
+        _raw(0.09, 64, kind="training", name="m2rec", backend="cpu", L=50, device="cpu"),
         _raw(2.0, 64, kind="inference", name="sasrec", backend="sdpa", L=200, device="cpu"),
         _raw(0.25, 64, kind="inference", name="m2rec", backend="torch", L=50, device="cpu"),
         _raw(1.0, 64, kind="inference", name="sasrec", backend="sdpa", L=50, device="cpu"),
@@ -78,8 +87,9 @@ def _example_rows():
 
 def test_tidy_rows_derive_per_sequence_and_throughput():
     rows = _example_rows()
-    assert len(rows) == 11
-    r = next(r for r in rows if r["name"] == "m2rec" and r["L"] == 200 and r["status"] == "ok")
+    assert len(rows) == 20
+    r = next(r for r in rows if r["kind"] == "inference" and r["name"] == "m2rec" and r["backend"] == "torch"
+             and r["L"] == 200 and r["status"] == "ok")
     assert r["mean_ms"] == pytest.approx(500.0)
     assert r["per_seq_ms"] == pytest.approx(500.0 / 64)
     assert r["seq_per_s"] == pytest.approx(64 / 0.5)
@@ -109,7 +119,8 @@ def test_results_round_trip_and_plots(tmp_path):
     with open(paths["csv"]) as fh:
         csv_rows = list(csv.DictReader(fh))
     assert len(csv_rows) == len(rows)
-    csv_m2rec = next(r for r in csv_rows if r["name"] == "m2rec" and r["L"] == "200" and r["status"] == "ok")
+    csv_m2rec = next(r for r in csv_rows if r["name"] == "m2rec" and r["backend"] == "torch" and r["L"] == "200"
+                     and r["status"] == "ok")
     assert float(csv_m2rec["per_seq_ms"]) == pytest.approx(500.0 / 64, rel=1e-5)
     data = load_results(paths["json"])
     assert data["machine"]["cpu_model"] == "Test CPU" and len(data["rows"]) == len(rows)
@@ -140,8 +151,8 @@ def test_run_suite_smoke_end_to_end(tmp_path):
     env = dict(os.environ, M2REC_BENCH_SMOKE="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run([sys.executable, "-m", "bench.run_suite", "--out", str(tmp_path), "--",
-                           "-k", "sasrec or (fft_filter and not backward) or stream", "bench/test_bench_inference.py",
-                           "bench/test_bench_ops.py", "bench/test_bench_streaming.py"],
+                           "-k", "sasrec or (fft_filter and not backward) or stream or m2rec-cpu",
+                           "bench/test_bench_inference.py", "bench/test_bench_ops.py", "bench/test_bench_streaming.py"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = load_results(tmp_path / "bench-cpu-results.json")
@@ -153,6 +164,13 @@ def test_run_suite_smoke_end_to_end(tmp_path):
     assert triton and all(r["status"] == "not run" and r["reason"] for r in triton)
     sasrec = next(r for r in data["rows"] if r["kind"] == "inference" and r["name"] == "sasrec")
     assert sasrec["peak_mem_mb"] is not None and sasrec["peak_mem_mb"] >= 0
+    # the compiled-CPU M2Rec row: timed and probed when the library is built, else recorded as not run
+    m2rec_cpu = next(r for r in data["rows"] if r["kind"] == "inference" and r["name"] == "m2rec")
+    assert m2rec_cpu["backend"] == "cpu"
+    if cpu_scan_not_run_reason(torch.device("cpu")) is None:
+        assert m2rec_cpu["status"] == "ok" and m2rec_cpu["peak_mem_mb"] is not None
+    else:
+        assert m2rec_cpu["status"] == "not run" and "compiled CPU scan" in m2rec_cpu["reason"]
     for what in ("raw.json", "results.csv", "latency.png", "memory.png", "speedup.png", "ops.png", "training.png",
                  "streaming.png"):
         assert (tmp_path / f"bench-cpu-{what}").exists(), what

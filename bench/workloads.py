@@ -11,14 +11,18 @@ from typing import Dict, Tuple
 import torch
 
 from m2rec_kernels._backend import resolve_backend
+from m2rec_kernels.scan.cpu import cpu_scan_unavailable
 
+from .availability import cpu_scan_note
 from .grids import D_MODEL, D_STATE, TEXT_DIM
 
 #: (model name, backend label) of every model-level row. The label is what the plots show: M2Rec on
-#: either kernel backend; Mamba4Rec on whatever Mamba it resolves to (recorded in ``impl``); SASRec on SDPA;
-#: "M2Rec, unfused" (``bench/unfused_m2rec.py``) on mamba_ssm's Mamba, labelled by the scan it ran.
-MODEL_CASES = (("m2rec", "triton"), ("m2rec", "torch"), ("mamba4rec", "auto"), ("sasrec", "sdpa"),
-               ("m2rec_unfused", "mamba_ssm"))
+#: each kernel backend (Triton on CUDA, the compiled scan on CPU, the PyTorch reference); Mamba4Rec on
+#: whatever Mamba and scan "auto" resolves to (the label and ``impl`` say which: mixer-cpu is the
+#: compiled CPU scan); SASRec on SDPA; "M2Rec, unfused" (``bench/unfused_m2rec.py``) on mamba_ssm's
+#: Mamba, labelled by the scan it ran.
+MODEL_CASES = (("m2rec", "triton"), ("m2rec", "cpu"), ("m2rec", "torch"), ("mamba4rec", "auto"),
+               ("sasrec", "sdpa"), ("m2rec_unfused", "mamba_ssm"))
 #: the streaming rows: M2Rec on each of its kernel backends
 STREAM_CASES = tuple(case for case in MODEL_CASES if case[0] == "m2rec")
 
@@ -39,17 +43,21 @@ def build_bench_model(name: str, backend: str, n_items: int, max_len: int,
     if name == "m2rec":
         model = build_model("m2rec", n_items, d_model=D_MODEL, n_layers=1, max_len=max_len, d_state=D_STATE,
                             text_embeddings=random_text_table(n_items), backend=backend)
-        notes = {"impl": f"M2Rec backend={backend}, 1 layer, d_state {D_STATE}, causal filter, "
+        scan = f" ({cpu_scan_note()}; filter and fusion on torch)" if backend == "cpu" else ""
+        notes = {"impl": f"M2Rec backend={backend}{scan}, 1 layer, d_state {D_STATE}, causal filter, "
                          f"frozen random text table ({TEXT_DIM}-d)"}
     elif name == "mamba4rec":
         # impl="auto": the real mamba_ssm.Mamba where its CUDA scan exists, else MambaMixer, whose scan
-        # runs on the Triton kernel on CUDA and on the torch reference on CPU (backend "auto").
+        # (backend "auto") runs the Triton kernel on CUDA, and on CPU the compiled scan where it is built,
+        # else the torch reference: the label says which (mixer-triton / mixer-cpu / mixer-torch).
         model = build_model("mamba4rec", n_items, d_model=D_MODEL, max_len=max_len, d_state=D_STATE).to(device)
         if model.mamba_impl == "mamba_ssm":
             label = "mamba_ssm"
         else:
-            label = "mixer-" + resolve_backend("auto", "selective_scan", model.item_embedding.weight)
-        notes = {"impl": f"Mamba4Rec, 1 layer, d_state {D_STATE}, Mamba = {model.mamba_impl} ({label})",
+            label = "mixer-" + resolve_backend("auto", "selective_scan", model.item_embedding.weight,
+                                               cpu_kernel=cpu_scan_unavailable)
+        scan = f", {cpu_scan_note()}" if label == "mixer-cpu" else ""
+        notes = {"impl": f"Mamba4Rec, 1 layer, d_state {D_STATE}, Mamba = {model.mamba_impl} ({label}{scan})",
                  "backend_label": label}
     elif name == "m2rec_unfused":
         from .unfused_m2rec import UnfusedM2Rec, mamba_scan_label

@@ -66,8 +66,9 @@ def check_output_file(path: Optional[str], option: str) -> None:
 
 
 def _add_backend_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
-                   help="kernel backend of M2Rec / Mamba4Rec (auto: Triton on CUDA, torch on CPU)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cpu"), default="auto",
+                   help="kernel backend of M2Rec / Mamba4Rec (auto: Triton on CUDA; on CPU the compiled "
+                        "scan when set-up built it, else torch)")
 
 
 def _threads(n: Optional[int]) -> None:

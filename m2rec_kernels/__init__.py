@@ -1,6 +1,7 @@
-"""Fused Triton kernels for M2Rec's three hot operations, each beside its exact PyTorch reference.
+"""Fused Triton kernels for M2Rec's three hot operations, each beside its exact PyTorch reference, and a
+compiled C++ selective scan for CPUs.
 
-Public ops (each takes ``backend="auto" | "torch" | "triton"``, see ``_backend.py``):
+Public ops (each takes ``backend="auto" | "torch" | "triton" | "cpu"``, see ``_backend.py``):
 
 * ``selective_scan`` / ``selective_state_update`` — Mamba-1 selective scan and its one-step form;
   ``selective_scan_final`` — its output at each sequence's last step only (last-position inference);

@@ -1,20 +1,25 @@
-"""Choosing between the PyTorch reference and the Triton kernels.
+"""Choosing between the PyTorch reference, the Triton kernels and the compiled CPU kernels.
 
-Every public op takes ``backend="auto" | "torch" | "triton"``:
+Every public op takes ``backend="auto" | "torch" | "triton" | "cpu"``:
 
 * ``"torch"``  — the differentiable PyTorch reference (the spec).
 * ``"triton"`` — the fused Triton kernels. They run compiled on CUDA tensors and, for testing, on CPU
   tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is imported).
-* ``"auto"``   — Triton for CUDA tensors, torch otherwise. The interpreter is never picked
-  automatically: it is orders of magnitude slower than torch and only meant for tests.
+* ``"cpu"``    — compiled C++ kernels for CPU tensors (built by set-up, ``m2rec_kernels/scan/cpu.py``);
+  so far the selective scan has one. An op without a compiled CPU kernel runs its PyTorch reference,
+  so a model built with ``backend="cpu"`` runs whole.
+* ``"auto"``   — Triton for CUDA tensors; on CPU the compiled kernel where the op has one and it is
+  built, torch otherwise. The interpreter is never picked automatically: it is orders of magnitude
+  slower than torch and only meant for tests.
 """
 from __future__ import annotations
 
 import os
+from typing import Callable, Optional
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 def triton_interpreter_enabled() -> bool:
@@ -29,11 +34,14 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, op: str, *tensors: torch.Tensor) -> str:
-    """Return "torch" or "triton" for ``backend`` given the op's input tensors.
+def resolve_backend(backend: str, op: str, *tensors: torch.Tensor,
+                    cpu_kernel: Optional[Callable[[], Optional[str]]] = None) -> str:
+    """Return "torch", "triton" or "cpu" for ``backend`` given the op's input tensors.
 
-    Raises ``ValueError`` for an unknown backend name and ``RuntimeError`` when Triton was asked for
-    explicitly but cannot run on these tensors (CPU tensors without the interpreter, no triton).
+    ``cpu_kernel`` is given by ops with a compiled CPU kernel: it returns None when that kernel can
+    run here, else the reason. Raises ``ValueError`` for an unknown backend name and ``RuntimeError``
+    when a backend was asked for explicitly but cannot run on these tensors (Triton on CPU tensors
+    without the interpreter, no triton; "cpu" on CUDA tensors, or its kernel not built).
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
@@ -41,7 +49,19 @@ def resolve_backend(backend: str, op: str, *tensors: torch.Tensor) -> str:
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        return "triton" if on_cuda and triton_available() else "torch"
+        if on_cuda:
+            return "triton" if triton_available() else "torch"
+        return "cpu" if cpu_kernel is not None and cpu_kernel() is None else "torch"
+    if backend == "cpu":
+        if on_cuda:
+            raise RuntimeError(f"{op}: backend='cpu' runs on CPU tensors, these are on CUDA "
+                               "(use backend='triton' or 'auto')")
+        if cpu_kernel is None:
+            return "torch"  # no compiled CPU kernel for this op: its reference is its CPU path
+        why = cpu_kernel()
+        if why is not None:
+            raise RuntimeError(f"{op}: backend='cpu' cannot run: {why}")
+        return "cpu"
     # backend == "triton"
     if not triton_available():
         raise RuntimeError(f"{op}: backend='triton' needs the 'triton' package, which is not importable")
@@ -56,8 +76,11 @@ def resolve_backend(backend: str, op: str, *tensors: torch.Tensor) -> str:
 
 def check_backend_runs(backend: str, device, what: str = "backend") -> None:
     """Raise ``ValueError`` up front when ``backend`` cannot run on ``device`` — for command lines and
-    configs, which should fail before loading data rather than at the first kernel call."""
+    configs, which should fail before loading data rather than at the first kernel call. For "cpu"
+    that includes the compiled selective scan (the models' only compiled CPU kernel so far)."""
+    from .scan.cpu import cpu_scan_unavailable
+
     try:
-        resolve_backend(backend, what, torch.empty(0, device=device))
+        resolve_backend(backend, what, torch.empty(0, device=device), cpu_kernel=cpu_scan_unavailable)
     except RuntimeError as exc:
         raise ValueError(f"{exc} (device {device})") from None

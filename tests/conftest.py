@@ -23,6 +23,22 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 
 
+def _cpu_scan_line() -> str:
+    """Which selective scan backend="auto" runs on CPU tensors in this session: the compiled kernels
+    (and their ISA variant) or, when they are not built, the PyTorch reference and why."""
+    from m2rec_kernels.scan.cpu import cpu_scan_status
+
+    return f"m2rec selective scan on CPU: {cpu_scan_status().describe()}"
+
+
+def pytest_report_header(config):
+    return _cpu_scan_line()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    terminalreporter.write_line(_cpu_scan_line())  # also under -q, which hides the header
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,7 +1,12 @@
 """Selective scan (Mamba-1 SSM recurrence) and its one-step streaming form (DESIGN §2.1).
 
 Public functions check their inputs, choose the backend (``m2rec_kernels._backend``) and dispatch to
-the PyTorch reference (``reference.py``) or the fused Triton kernels (``function.py``).
+the PyTorch reference (``reference.py``), the fused Triton kernels (``function.py``) or, for
+``selective_scan`` and ``selective_scan_final`` on CPU tensors, the compiled C++ kernels (``cpu.py``,
+sources in ``csrc/``, built by set-up: vectorised over channels with AVX-512 / AVX2 / a generic
+variant chosen at run time, parallel over batch x channel blocks, backward from per-chunk checkpoints,
+deterministic reductions). ``backend="auto"`` picks the compiled kernels on CPU when they are built;
+``selective_state_update`` has no compiled CPU kernel and runs its reference for ``backend="cpu"``.
 """
 from __future__ import annotations
 
@@ -11,14 +16,15 @@ import torch
 
 from .._backend import resolve_backend
 from .._checks import FLOAT_DTYPES, check_lengths, check_tensor
+from .cpu import cpu_scan_unavailable
 from .reference import selective_scan_final_ref, selective_scan_ref, selective_state_update_ref
 
 __all__ = ["selective_scan", "selective_scan_final", "selective_state_update", "selective_scan_ref",
            "selective_scan_final_ref", "selective_state_update_ref"]
 
 _A_DTYPES = (torch.float32, torch.float64)
-# The Triton kernels keep state and accumulation in fp32; fp64 inputs stay on the reference.
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The Triton and compiled CPU kernels keep state and accumulation in fp32; fp64 inputs stay on the reference.
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_flag(op: str, name: str, value) -> None:
@@ -26,14 +32,14 @@ def _check_flag(op: str, name: str, value) -> None:
         raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
 
 
-def _triton_dtypes_ok(op: str, backend: str, named: dict) -> bool:
-    """Whether the Triton path supports these dtypes; for an explicit ``backend="triton"`` an
-    unsupported dtype raises instead of silently computing in lower precision."""
+def _kernel_dtypes_ok(op: str, backend: str, chosen: str, named: dict) -> bool:
+    """Whether the chosen kernel ("triton" or "cpu") supports these dtypes; when that backend was
+    asked for explicitly an unsupported dtype raises instead of silently computing in lower precision."""
     for name, t in named.items():
-        if t is not None and t.dtype not in _TRITON_DTYPES:
-            if backend == "triton":
+        if t is not None and t.dtype not in _KERNEL_DTYPES:
+            if backend == chosen:
                 raise TypeError(
-                    f"{op}: backend='triton' supports float16, bfloat16 and float32; {name} is "
+                    f"{op}: backend={backend!r} supports float16, bfloat16 and float32; {name} is "
                     f"{str(t.dtype).replace('torch.', '')} (use backend='torch' for float64)"
                 )
             return False
@@ -93,14 +99,18 @@ def selective_scan(
     _check_flag(op, "delta_softplus", delta_softplus)
     _check_flag(op, "return_last_state", return_last_state)
 
-    chosen = resolve_backend(backend, op, u, delta, A, B, C)
+    chosen = resolve_backend(backend, op, u, delta, A, B, C, cpu_kernel=cpu_scan_unavailable)
     named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
-    if chosen == "triton" and _triton_dtypes_ok(op, backend, named):
+    if chosen == "triton" and _kernel_dtypes_ok(op, backend, chosen, named):
         from .function import selective_scan_triton
 
         return selective_scan_triton(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths
         )
+    if chosen == "cpu" and _kernel_dtypes_ok(op, backend, chosen, named):
+        from .cpu import selective_scan_cpu
+
+        return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths)
 
 
@@ -132,9 +142,13 @@ def selective_scan_final(
         raise ValueError(f"{op}: the sequence must have at least one step, got L = 0")
     if lengths is not None and lengths.numel() and int(lengths.min()) < 1:
         raise ValueError(f"{op}: every sequence needs at least one step (lengths >= 1), got min {int(lengths.min())}")
-    chosen = resolve_backend(backend, op, u, delta, A, B, C)
+    chosen = resolve_backend(backend, op, u, delta, A, B, C, cpu_kernel=cpu_scan_unavailable)
     named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
-    if chosen == "triton" and _triton_dtypes_ok(op, backend, named):
+    if chosen == "cpu" and _kernel_dtypes_ok(op, backend, chosen, named):
+        from .cpu import selective_scan_final_cpu
+
+        return selective_scan_final_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths)
+    if chosen == "triton" and _kernel_dtypes_ok(op, backend, chosen, named):
         from .function import selective_scan_final_triton
 
         return selective_scan_final_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths)
@@ -186,7 +200,7 @@ def selective_state_update(
         if backend == "triton":
             raise ValueError(f"{op}: the Triton kernel is inference-only; an input requires grad (use backend='torch')")
         chosen = "torch"
-    if chosen == "triton" and _triton_dtypes_ok(op, backend, named):
+    if chosen == "triton" and _kernel_dtypes_ok(op, backend, chosen, named):
         from .function import selective_state_update_triton
 
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

@@ -1,0 +1,80 @@
+// The interface between the torch-facing binding (scan_ops.cpp) and the per-ISA kernels (scan_isa.cpp):
+// plain pointers, sizes and strides (no torch types), so the kernel files include no torch header.
+//
+// Work is split in tasks, one per (batch row b, block of W channels): task = b * n_blocks + block, with
+// W the vector width of the ISA. A task owns its outputs; the reductions over the batch (dA, dD,
+// d(delta_bias)) and over channel blocks (dB, dC) go to per-task partial buffers that the binding sums
+// in a fixed order, so results do not depend on the number of threads.
+#pragma once
+
+#include <stdint.h>
+
+namespace m2rec_scan {
+
+enum ForwardMode : int {
+  kForwardOut = 0,          // out at every step (inference)
+  kForwardOutCkpt = 1,      // out at every step + the state at each chunk start (training)
+  kForwardFinal = 2,        // no per-step out: the output at each sequence's last step only
+};
+
+// A (batch, rows, L) fp32 tensor: element [b][r][t] at data[b * sb + r * sr + t * st]. For u, delta,
+// z, dout and the outputs either st == 1 (rows along L, mamba's layout) or sr == 1 (time-major, as a
+// (batch, L, dim) tensor's transpose): the binding copies anything else. B and C take any strides.
+struct SeqIn {
+  const float* data = nullptr;
+  int64_t sb = 0, sr = 0, st = 0;
+};
+struct SeqOut {
+  float* data = nullptr;
+  int64_t sb = 0, sr = 0, st = 0;
+};
+
+struct ScanParams {
+  int64_t batch, dim, L, N;
+  int64_t n_blocks;         // ceil(dim / W)
+  int64_t n_chunks;         // ceil(L / kChunk)
+  // inputs, fp32
+  SeqIn u, delta;
+  SeqIn z;                                         // data nullptr: no gate
+  SeqIn B, C;                                      // (batch, N, L)
+  const float* A;                                  // (dim, N) contiguous
+  const float* D;                                  // (dim,) or nullptr
+  const float* delta_bias;                         // (dim,) or nullptr
+  const int64_t* lengths;                          // (batch,) or nullptr (every row has L steps)
+  bool softplus;
+  // forward outputs
+  SeqOut out;                                      // (batch, dim, L), modes kForwardOut*
+  float* out_last;                                 // (batch, dim) contiguous, kForwardFinal
+  float* last_state;                               // (batch, dim, N) or nullptr
+  float* ckpt;                                     // (batch, n_chunks, N, dim), kForwardOutCkpt
+  // backward inputs
+  SeqIn dout;                                      // data nullptr: no gradient reaches out
+  const float* dlast;                              // (batch, dim, N) contiguous or nullptr
+  // backward outputs
+  SeqOut du;                                       // (batch, dim, L)
+  SeqOut ddelta;                                   // (batch, dim, L), w.r.t. the raw delta
+  SeqOut dz;                                       // (batch, dim, L), data nullptr without z
+  float* dA_part;                                  // (batch, dim, N): per-row partials of dA
+  float* dD_part;                                  // (batch, dim) or nullptr
+  float* dbias_part;                               // (batch, dim) or nullptr
+  float* dB_part;                                  // (n_blocks, batch, N, L): per-block partials
+  float* dC_part;                                  // (n_blocks, batch, N, L)
+};
+
+struct KernelTable {
+  const char* name;   // "avx512", "avx2", "generic"
+  int width;          // W: channels per task
+  int chunk;          // time steps per checkpoint
+  // run tasks [begin, end) (see above); mode: ForwardMode
+  void (*forward)(const ScanParams& p, int mode, int64_t begin, int64_t end);
+  void (*backward)(const ScanParams& p, int64_t begin, int64_t end);
+  // the vectorised exp on n floats (accuracy tests): the scan's decay path, or the general exp
+  void (*exp)(const float* x, float* y, int64_t n, bool scan_path);
+};
+
+// Defined by scan_isa.cpp, once per ISA compiled into the library.
+const KernelTable* kernels_avx512();
+const KernelTable* kernels_avx2();
+const KernelTable* kernels_generic();
+
+}  // namespace m2rec_scan

@@ -41,8 +41,8 @@ def check_tensor(
     return t
 
 
-def check_lengths(op: str, lengths, batch: int, max_len: int, device: torch.device) -> torch.Tensor:
-    """``lengths`` (batch,) integer tensor with 0 <= length <= max_len."""
+def check_lengths(op: str, lengths, batch: int, max_len: int, device: torch.device, lo: int = 0) -> torch.Tensor:
+    """``lengths`` (batch,) integer tensor with lo <= length <= max_len."""
     if not isinstance(lengths, torch.Tensor):
         raise TypeError(f"{op}: lengths must be a torch.Tensor, got {type(lengths).__name__}")
     if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
@@ -51,7 +51,7 @@ def check_lengths(op: str, lengths, batch: int, max_len: int, device: torch.devi
         raise ValueError(f"{op}: lengths must have shape ({batch},), got {tuple(lengths.shape)}")
     if lengths.device != device:
         raise ValueError(f"{op}: lengths is on {lengths.device} but the other inputs are on {device}")
-    check_range(op, "lengths", lengths, lo=0, hi=max_len)
+    check_range(op, "lengths", lengths, lo=lo, hi=max_len)
     return lengths
 
 

@@ -98,9 +98,7 @@ class FrequencyFilter(nn.Module):
         batch, L, _ = x.shape
         if lengths is None:
             return torch.full((batch,), L, dtype=torch.long, device=x.device)
-        check_lengths("FrequencyFilter", lengths, batch, L, x.device)
-        if lengths.numel() and int(lengths.min()) < 1:
-            raise ValueError(f"FrequencyFilter: lengths must be >= 1, got min {int(lengths.min())}")
+        check_lengths("FrequencyFilter", lengths, batch, L, x.device, lo=1)
         return lengths.long()
 
     def forward_last(self, x: torch.Tensor, lengths=None) -> torch.Tensor:

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from m2rec_kernels._checks import require, tracing
+
 from .streaming import StreamState, check_items, eval_mode, select_rows, stream_token, write_rows
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -105,20 +107,24 @@ class SequentialRecommender(nn.Module):
         # The value checks need the data: gather them into one tensor so a GPU batch costs one sync.
         lengths = lengths.long()
         padded_wrong = (item_seq != 0) != self.valid_mask(lengths.clamp(0, L), L)
-        stats = torch.stack([item_seq.min().long(), item_seq.max().long(), lengths.min(), lengths.max(),
-                             padded_wrong.any().long()])
+        ids_range = f"expected ids in [0, n_items={self.n_items}] (0 = padding)"
+        lengths_range = f"{name}: lengths must lie in [1, L={L}]"
+        not_padded = (f"{name}: item_seq must be right-padded: ids >= 1 at positions t < lengths[b] and 0 after "
+                      "(a left-padded batch or a padding id inside a sequence was given)")
+        lo, hi = item_seq.min().long(), item_seq.max().long()
+        if tracing():  # torch.compile / torch.export: the same checks, as assertions in the graph
+            require((lo >= 0) & (hi <= self.n_items), f"{name}: item_seq holds ids out of range, {ids_range}")
+            require((lengths.min() >= 1) & (lengths.max() <= L), lengths_range)
+            require(~padded_wrong.any(), not_padded)
+            return
+        stats = torch.stack([lo, hi, lengths.min(), lengths.max(), padded_wrong.any().long()])
         lo, hi, len_lo, len_hi, not_right_padded = stats.tolist()
         if lo < 0 or hi > self.n_items:
-            raise ValueError(
-                f"{name}: item_seq holds ids in [{lo}, {hi}], expected ids in [0, n_items={self.n_items}] (0 = padding)"
-            )
+            raise ValueError(f"{name}: item_seq holds ids in [{lo}, {hi}], {ids_range}")
         if len_lo < 1 or len_hi > L:
-            raise ValueError(f"{name}: lengths must lie in [1, L={L}], got min {len_lo}, max {len_hi}")
+            raise ValueError(f"{lengths_range}, got min {len_lo}, max {len_hi}")
         if not_right_padded:
-            raise ValueError(
-                f"{name}: item_seq must be right-padded: ids >= 1 at positions t < lengths[b] and 0 after "
-                "(a left-padded batch or a padding id inside a sequence was given)"
-            )
+            raise ValueError(not_padded)
 
     @staticmethod
     def valid_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:

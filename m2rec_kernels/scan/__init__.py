@@ -146,7 +146,7 @@ def selective_scan_final(
     if u.shape[2] < 1:
         raise ValueError(f"{op}: the sequence must have at least one step, got L = 0")
     if lengths is not None:
-        check_range(op, "lengths", lengths, lo=1, what="every sequence needs at least one step (lengths >= 1)")
+        check_range(op, "lengths", lengths, lo=1, hi=u.shape[2])  # every sequence needs at least one step
     chosen = _chosen_backend(op, backend, u, delta, A, B, C, D, z, delta_bias)
     batch, dim, L = u.shape
     if _library.needs_grad(u, delta, A, B, C, D, z, delta_bias):

@@ -151,12 +151,17 @@ def or_none(t: Optional[torch.Tensor], present) -> Optional[torch.Tensor]:
     return None if present is None else t
 
 
-_AUTOGRAD_KEYS = ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView")
+# Keys an op's kernel may find excluded: autograd (always, below the Autograd key), and — when a graph
+# compiled by AOTAutograd calls the op — also the lazy conjugate / negative / zero-tensor views, which
+# then silently read as plain tensors (x.conj() would be x). Autograd's complex formulas rely on them.
+_AUTOGRAD_KEYS = ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView",
+                  "Conjugate", "Negative", "ZeroTensor")
 
 
 @contextlib.contextmanager
 def autograd_inside_kernel():
-    """Autograd recording inside an op's implementation, where the dispatcher has switched it off.
+    """Autograd recording inside an op's implementation, where the dispatcher has switched it off (and,
+    inside a compiled graph, the lazy conjugate views autograd's complex formulas use, see above).
 
     The PyTorch backends' backward ops recompute the reference under autograd (the references are the
     differentiable spec; some are autograd.Functions of their own, which ``torch.func.vjp`` cannot

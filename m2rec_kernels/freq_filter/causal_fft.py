@@ -59,7 +59,8 @@ def causal_fft_forward(x: torch.Tensor, kernel: torch.Tensor):
 def causal_fft_backward(grad_y: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, spec_x: torch.Tensor,
                         spec_k: torch.Tensor, need_dx: bool = True, need_dkernel: bool = True):
     """(dx, dkernel) in the inputs' dtypes, from the forward's spectra (module docstring); None for a
-    gradient not needed."""
+    gradient not needed. The conjugates are physical: run inside an op called from a compiled graph, a
+    lazy ``conj()`` view would read as the spectrum itself (the Conjugate dispatch key is excluded there)."""
     B, L, d = x.shape
     K = kernel.shape[0]
     if x.numel() == 0:
@@ -68,9 +69,9 @@ def causal_fft_backward(grad_y: torch.Tensor, x: torch.Tensor, kernel: torch.Ten
     spec_g = torch.fft.rfft(grad_y.transpose(1, 2).to(spec_k.real.dtype), n=n)
     dx = dk = None
     if need_dx:
-        dx = torch.fft.irfft(spec_g * spec_k.conj(), n=n)[..., :L].transpose(1, 2).to(x.dtype)
+        dx = torch.fft.irfft(spec_g * spec_k.conj_physical(), n=n)[..., :L].transpose(1, 2).to(x.dtype)
     if need_dkernel:
-        dk = torch.fft.irfft((spec_g * spec_x.conj()).sum(dim=0), n=n)[:, :K].t().to(kernel.dtype)
+        dk = torch.fft.irfft((spec_g * spec_x.conj_physical()).sum(dim=0), n=n)[:, :K].t().to(kernel.dtype)
     return dx, dk
 
 

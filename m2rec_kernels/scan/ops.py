@@ -121,6 +121,7 @@ def _selective_scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in its input's dtype; an empty
     float32 tensor for an absent input. dout / dlast: None when no gradient reaches out / the state."""
     present = (u, delta, A, B, C, D, z, delta_bias)
+    _check_output_grads(u, A, dout, dlast)
     if backend == "torch":
         def scan(*ins):
             return selective_scan_ref(*ins, delta_softplus, True, lengths)
@@ -153,6 +154,14 @@ def _selective_scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     return tuple(_placeholder(u) if dt is None else g.to(dt) for g, dt in zip(ordered, dtypes))
 
 
+def _check_output_grads(u, A, dout, dlast) -> None:
+    """The kernels read dout and dlast without bounds: a wrong shape must stop here."""
+    batch, dim, L = u.shape
+    for name, g, shape in (("dout", dout, (batch, dim, L)), ("dlast", dlast, (batch, dim, A.shape[1]))):
+        if g is not None and tuple(g.shape) != shape:
+            raise ValueError(f"selective_scan_backward: {name} must have shape {shape}, got {tuple(g.shape)}")
+
+
 def _selective_scan_backward_fake(u, delta, A, B, C, D, z, delta_bias, lengths, residual, dout, dlast,
                                   delta_softplus, backend):
     present = (u, delta, A, B, C, D, z, delta_bias)
@@ -167,12 +176,14 @@ def _selective_scan_backward_fake(u, delta, A, B, C, D, z, delta_bias, lengths, 
 def _setup_scan(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, lengths, delta_softplus, _, _, backend = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, lengths, output[2])
-    ctx.delta_softplus, ctx.backend = delta_softplus, backend
+    ctx.delta_softplus, ctx.backend, ctx.has_last = delta_softplus, backend, inputs[10]
     ctx.set_materialize_grads(False)
 
 
 def _backward_scan(ctx, dout, dlast, _dresidual):
     u, delta, A, B, C, D, z, delta_bias, lengths, residual = ctx.saved_tensors
+    if not ctx.has_last:
+        dlast = None  # the last state was an empty placeholder: nothing flows back from it
     grads = torch.ops.m2rec.selective_scan_backward(u, delta, A, B, C, D, z, delta_bias, lengths, residual, dout,
                                                     dlast, ctx.delta_softplus, ctx.backend)
     present = (u, delta, A, B, C, D, z, delta_bias)

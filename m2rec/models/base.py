@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m2rec_kernels._checks import require, tracing
+from m2rec_kernels._checks import check_range, require, tracing
 
 from .streaming import StreamState, check_items, eval_mode, select_rows, stream_token, write_rows
 
@@ -292,19 +292,27 @@ class SequentialRecommender(nn.Module):
             raise ValueError(
                 f"{name}: with all_positions={all_positions} targets must have shape {want}, got {tuple(targets.shape)}"
             )
-        lo, hi = int(targets.min()), int(targets.max())
-        if lo < 0 or hi > self.n_items:
-            raise ValueError(f"{name}: targets holds ids in [{lo}, {hi}], expected ids in [0, n_items={self.n_items}]")
+        if all_positions:
+            check_range(name, "targets", targets, lo=0, hi=self.n_items,
+                        what=f"targets must hold ids in [0, n_items={self.n_items}] (0 = ignore)")
+            padding_targets = ((targets != 0) & ~self.valid_mask(lengths.long(), L)).any()
+            message = f"{name}: targets must be 0 (ignore) at padding positions t >= lengths[b]"
+            require(~padding_targets, message) if tracing() else _raise_if(bool(padding_targets), message)
+            message = f"{name}: targets has no non-zero entry: nothing to train on"
+            anything = (targets != 0).any()
+            require(anything, message) if tracing() else _raise_if(not bool(anything), message)
+        else:
+            check_range(name, "targets", targets, lo=1, hi=self.n_items,
+                        what=f"last-position targets must be item ids in [1, n_items={self.n_items}] (no 0: padding)")
         targets = targets.long()
         hidden = self.encode(item_seq.long(), lengths.long())
         if all_positions:
-            if bool((targets[~self.valid_mask(lengths, L)] != 0).any()):
-                raise ValueError(f"{name}: targets must be 0 (ignore) at padding positions t >= lengths[b]")
-            if not bool((targets != 0).any()):
-                raise ValueError(f"{name}: targets has no non-zero entry: nothing to train on")
             logits = self.item_logits(hidden)[..., 1:]  # drop the padding class
             return F.cross_entropy(logits.reshape(-1, self.n_items), targets.reshape(-1) - 1, ignore_index=-1)
-        if lo < 1:
-            raise ValueError(f"{name}: last-position targets must be item ids in [1, n_items], got a 0 (padding)")
         logits = self.item_logits(self.gather_last(hidden, lengths))[:, 1:]
         return F.cross_entropy(logits, targets - 1)
+
+
+def _raise_if(condition: bool, message: str) -> None:
+    if condition:
+        raise ValueError(message)

@@ -75,19 +75,24 @@ def check_range(op: str, name: str, t: torch.Tensor, lo: Optional[int] = None, h
     ``what`` replaces the default "<name> must lie in [lo, hi]"."""
     if t.numel() == 0:
         return
-    bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-    message = f"{op}: {what or f'{name} must lie in {bounds}'}"
+
+    def message():  # formatted only when needed: this check runs on every call
+        if what:
+            return f"{op}: {what}"
+        low, high = ("-inf" if lo is None else lo), ("inf" if hi is None else hi)
+        return f"{op}: {name} must lie in [{low}, {high}]"
+
     if tracing():
         ok = torch.ones((), dtype=torch.bool, device=t.device)
         if lo is not None:
             ok = ok & (t.min() >= lo)
         if hi is not None:
             ok = ok & (t.max() <= hi)
-        require(ok, message + " (checked in the compiled graph)")
+        require(ok, message() + " (checked in the compiled graph)")
         return
-    found_lo, found_hi = (int(v) for v in torch.stack([t.min(), t.max()]).tolist())
+    found_lo, found_hi = torch.stack(torch.aminmax(t)).tolist()  # one pass, one sync
     if (lo is not None and found_lo < lo) or (hi is not None and found_hi > hi):
-        raise ValueError(f"{message}, got min {found_lo}, max {found_hi}")
+        raise ValueError(f"{message()}, got min {found_lo}, max {found_hi}")
 
 
 def check_index_pool(op: str, name: str, idx, batch: int, pool: int, device: torch.device) -> torch.Tensor:

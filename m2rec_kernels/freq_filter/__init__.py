@@ -30,7 +30,7 @@ from .. import _library
 from .._backend import resolve_backend
 from .._checks import check_tensor
 from .causal import causal_n_fft, causal_weight
-from .ops import causal_filter_op, fft_filter_op  # noqa: F401  (register m2rec::causal_filter, fft_filter)
+from .ops import CAUSAL_FILTER, FFT_FILTER
 from .paths import direct_filter_runs
 from .reference import causal_filter_reference, fft_filter_reference
 
@@ -76,7 +76,7 @@ def fft_filter(x: torch.Tensor, weight: torch.Tensor, n_fft: int, backend: str =
     _check_inputs(x, weight, n_fft)
     chosen = resolve_backend(backend, _OP, x, weight)
     chosen = "triton" if chosen == "triton" and direct_filter_runs(x, weight) else "torch"
-    return _library.call(torch.ops.m2rec.fft_filter.default, x, weight, n_fft, chosen)
+    return _library.call(FFT_FILTER, x, weight, n_fft, chosen)
 
 
 def _check_causal_inputs(x, kernel) -> None:
@@ -101,4 +101,4 @@ def causal_filter(x: torch.Tensor, kernel: torch.Tensor, backend: str = "auto") 
     k = kernel[: x.shape[1]]
     chosen = resolve_backend(backend, "causal_filter", x, kernel)
     chosen = "triton" if chosen == "triton" and direct_filter_runs(x, kernel) else "torch"
-    return _library.call(torch.ops.m2rec.causal_filter.default, x, k, chosen)[0]
+    return _library.call(CAUSAL_FILTER, x, k, chosen)[0]

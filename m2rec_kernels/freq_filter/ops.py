@@ -29,9 +29,8 @@ def _taps(weight: Tensor, n_fft: int) -> Tensor:
 
 
 def _fft_filter(x: Tensor, weight: Tensor, n_fft: int, backend: str) -> Tensor:
-    if backend == "torch":
-        with torch.no_grad():
-            return fft_filter_reference(x, weight, n_fft).contiguous()
+    if backend == "torch":  # (an op's kernel runs below autograd: nothing is recorded here)
+        return fft_filter_reference(x, weight, n_fft)
     return direct.toeplitz_filter(x, _taps(weight, n_fft), wrap=n_fft)
 
 
@@ -72,6 +71,7 @@ def _backward_fft(ctx, grad):
 fft_filter_op = _library.register("fft_filter", _fft_filter, _fft_filter)
 fft_filter_backward_op = _library.register("fft_filter_backward", _fft_filter_backward, _fft_filter_backward)
 fft_filter_op.register_autograd(_backward_fft, setup_context=_setup_fft)
+FFT_FILTER = torch.ops.m2rec.fft_filter.default  # the handle public functions call (no lookups)
 
 
 def _causal_filter(x: Tensor, kernel: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -112,3 +112,4 @@ causal_filter_op = _library.register("causal_filter", _causal_filter, _causal_fi
 causal_filter_backward_op = _library.register("causal_filter_backward", _causal_filter_backward,
                                               _causal_filter_backward)
 causal_filter_op.register_autograd(_backward_causal, setup_context=_setup_causal)
+CAUSAL_FILTER = torch.ops.m2rec.causal_filter.default

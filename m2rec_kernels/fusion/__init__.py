@@ -21,7 +21,7 @@ import torch
 from .. import _library
 from .._backend import resolve_backend
 from .._checks import check_tensor
-from .ops import gated_fusion_op  # noqa: F401  (registers m2rec::gated_fusion)
+from .ops import GATED_FUSION
 from .reference import gated_fusion_ref
 
 __all__ = ["gated_fusion", "gated_fusion_ref"]
@@ -119,7 +119,7 @@ def gated_fusion(
         else:
             value = int(seed) % (2**31 - 1) if chosen == "triton" else int(seed)
             seed_tensor = torch.tensor([value], dtype=torch.int64, device=residual.device)
-    out, gates, _, _ = _library.call(torch.ops.m2rec.gated_fusion.default, list(branches), residual, gate_weight,
+    out, gates, _, _ = _library.call(GATED_FUSION, list(branches), residual, gate_weight,
                                      gate_bias, ln_weight, ln_bias, float(eps), p, seed_tensor, chosen)
     if return_gates:
         return out, gates.to(residual.dtype)

@@ -35,13 +35,12 @@ def _gated_fusion(branches: list[Tensor], residual: Tensor, gate_weight: Tensor,
                   ln_weight: Tensor, ln_bias: Tensor, eps: float, dropout_p: float, seed: Optional[Tensor],
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, gates, mean, rstd); see the module docstring."""
-    gates_dtype = compute_dtype(residual.dtype)
-    if backend == "torch":
-        with torch.no_grad():
-            out, gates = _reference(branches, residual, gate_weight, gate_bias, ln_weight, ln_bias, eps, dropout_p,
-                                    seed)
+    if backend == "torch":  # (an op's kernel runs below autograd: nothing is recorded here)
+        out, gates = _reference(branches, residual, gate_weight, gate_bias, ln_weight, ln_bias, eps, dropout_p, seed)
+        if gates.dtype != torch.float32 and gates.dtype != torch.float64:
+            gates = gates.float()
         empty = residual.new_empty(0, dtype=torch.float32)
-        return out.contiguous(), gates.to(gates_dtype).contiguous(), empty, empty.clone()
+        return out.contiguous(), gates.contiguous(), empty, empty.clone()
     from .function import gated_fusion_forward
 
     k = len(branches)
@@ -118,3 +117,4 @@ gated_fusion_op = _library.register("gated_fusion", _gated_fusion, _gated_fusion
 gated_fusion_backward_op = _library.register("gated_fusion_backward", _gated_fusion_backward,
                                              _gated_fusion_backward_fake)
 gated_fusion_op.register_autograd(_backward, setup_context=_setup)
+GATED_FUSION = torch.ops.m2rec.gated_fusion.default  # the handle public functions call (no lookups)

@@ -18,7 +18,7 @@ from .. import _library
 from .._backend import resolve_backend
 from .._checks import FLOAT_DTYPES, check_index_pool, check_lengths, check_range, check_tensor
 from .cpu import cpu_scan_unavailable
-from .ops import scan_backend
+from .ops import SELECTIVE_SCAN, SELECTIVE_SCAN_FINAL, SELECTIVE_STATE_UPDATE, scan_backend
 from .reference import last_positions, selective_scan_final_ref, selective_scan_ref, selective_state_update_ref
 
 __all__ = ["selective_scan", "selective_scan_final", "selective_state_update", "selective_scan_ref",
@@ -104,7 +104,7 @@ def selective_scan(
     chosen = _chosen_backend(op, backend, u, delta, A, B, C, D, z, delta_bias)
     grad = _library.needs_grad(u, delta, A, B, C, D, z, delta_bias)
     out, last, _ = _library.call(
-        torch.ops.m2rec.selective_scan.default, u, delta, A, B, C, D, z, delta_bias, lengths, delta_softplus,
+        SELECTIVE_SCAN, u, delta, A, B, C, D, z, delta_bias, lengths, delta_softplus,
         return_last_state, grad, scan_backend(chosen, u.shape[0], u.shape[1], u.shape[2], grad))
     return (out, last) if return_last_state else out
 
@@ -152,11 +152,11 @@ def selective_scan_final(
     if _library.needs_grad(u, delta, A, B, C, D, z, delta_bias):
         # the differentiable path: the whole scan (with its residual), then the last steps
         out, last, _ = _library.call(
-            torch.ops.m2rec.selective_scan.default, u, delta, A, B, C, D, z, delta_bias, lengths, delta_softplus,
+            SELECTIVE_SCAN, u, delta, A, B, C, D, z, delta_bias, lengths, delta_softplus,
             True, True, scan_backend(chosen, batch, dim, L, True))
         idx = last_positions(lengths, batch, L, u.device)
         return out[torch.arange(batch, device=u.device), :, idx], last
-    return _library.call(torch.ops.m2rec.selective_scan_final.default, u, delta, A, B, C, D, z, delta_bias, lengths,
+    return _library.call(SELECTIVE_SCAN_FINAL, u, delta, A, B, C, D, z, delta_bias, lengths,
                          delta_softplus, scan_backend(chosen, batch, dim, L, False))
 
 
@@ -219,5 +219,5 @@ def selective_state_update(
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
     if chosen != "triton" or not _kernel_dtypes_ok(op, backend, chosen, named):
         chosen = "torch"  # no compiled CPU kernel for one step
-    return _library.call(torch.ops.m2rec.selective_state_update.default, state, x, dt, A, B, C, D, z, dt_bias,
-                         state_batch_indices, dt_softplus, chosen)
+    return _library.call(SELECTIVE_STATE_UPDATE, state, x, dt, A, B, C, D, z, dt_bias,
+                         state_batch_indices, dt_softplus, chosen, mutates=state)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _library
+from .cpu import _isa_code
 from .reference import compute_dtype, last_positions, selective_scan_final_ref, selective_scan_ref, \
     selective_state_update_ref
 
@@ -46,9 +47,7 @@ def _placeholder(like: Tensor) -> Tensor:
 
 
 def _cpu_isa() -> int:
-    from .cpu import _isa_code
-
-    return _isa_code(None)
+    return _isa_code(None)  # loads the library on first use
 
 
 def _cpu_like(t: Tensor, dtype) -> Tensor:
@@ -194,6 +193,7 @@ selective_scan_op = _library.register("selective_scan", _selective_scan, _select
 selective_scan_backward_op = _library.register("selective_scan_backward", _selective_scan_backward,
                                                _selective_scan_backward_fake)
 selective_scan_op.register_autograd(_backward_scan, setup_context=_setup_scan)
+SELECTIVE_SCAN = torch.ops.m2rec.selective_scan.default  # the handle public functions call (no lookups)
 
 
 # ------------------------------------------------------------------------------ selective_scan_final
@@ -262,6 +262,7 @@ def _backward_final(ctx, dout_last, dlast):
 selective_scan_final_op = _library.register("selective_scan_final", _selective_scan_final,
                                             _selective_scan_final_fake)
 selective_scan_final_op.register_autograd(_backward_final, setup_context=_setup_final)
+SELECTIVE_SCAN_FINAL = torch.ops.m2rec.selective_scan_final.default
 
 
 # ---------------------------------------------------------------------------- selective_state_update
@@ -286,3 +287,4 @@ def _selective_state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, state_bat
 
 selective_state_update_op = _library.register("selective_state_update", _selective_state_update,
                                               _selective_state_update_fake, mutates_args=("state",))
+SELECTIVE_STATE_UPDATE = torch.ops.m2rec.selective_state_update.default

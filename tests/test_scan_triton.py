@@ -126,6 +126,22 @@ def test_forward_only_without_last_state(device):
     torch.testing.assert_close(out, want, **FP32_TOL)
 
 
+def _assert_grads_close_to_fp64(kw, got, grad_out, grad_last):
+    """fp32 gradients against an fp64 run, within 1e-5 of each gradient's largest value (+ FP32
+    atol): the tolerance follows the magnitude of the values. For gradients whose terms cancel: with
+    the gradient only through the last state, dΔ at some steps sums terms Σ_n |dh·(u·B + A·decay·h)|
+    10³ times larger than the result, so two fp32 summation orders (the reference's and the
+    kernel's) differ there by more than a uniform 1e-4, while both stay within ~1e-6 of the scale."""
+    exact = clone_inputs(kw, requires_grad=False, dtype=torch.float64)
+    exact["A"] = exact["A"].double()
+    truth = _run(exact, "torch", None if grad_out is None else grad_out.double(),
+                 None if grad_last is None else grad_last.double())[2]
+    assert got.keys() == truth.keys()
+    for name in truth:
+        err, scale = _max_err(got[name], truth[name]), truth[name].abs().max().item()
+        assert err <= 1e-5 * scale + FP32_TOL["atol"], f"grad of {name}: error {err:.3g} at scale {scale:.3g}"
+
+
 def _max_err(got, truth):
     return (got.double() - truth.double()).abs().max().item()
 
@@ -383,7 +399,9 @@ def test_parallel_across_time_tiles(monkeypatch, device, use_D, use_z, use_bias,
     want_out, want_last, want_grads = _run(kw, "torch", grad_out, grad_last)
     torch.testing.assert_close(out, want_out, **FP32_TOL)
     torch.testing.assert_close(last, want_last, **FP32_TOL)
-    _assert_grads_close(grads, want_grads, **FP32_TOL)
+    _assert_grads_close_to_fp64(kw, grads, grad_out, grad_last)
+    for name, want in want_grads.items():
+        assert grads[name].dtype == want.dtype, name
 
 
 def test_parallel_vectorised_rows_and_strided_inputs(monkeypatch, device):

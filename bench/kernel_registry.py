@@ -166,7 +166,8 @@ def _scan_bwd() -> List[KernelCase]:
         tile, block_d, warps = F.parallel_config_gpu(L)
         n_tiles = _cdiv(L, tile)
         align = F._alignment(L, torch.float32, dim * L, L, 2 * dim * L, N * L)
-        cfg = dict(TILE=tile, BLOCK_D=block_d, ALIGN=align, THREAD_STEPS=F.thread_steps(tile, warps))
+        cfg = dict(TILE=tile, BLOCK_D=block_d, ALIGN=align, THREAD_STEPS=F.thread_steps(tile, warps),
+                   FLIP_BY_GATHER=F.FLIP_BY_GATHER)
         args = dict(_scan_io(), **_parallel_io(batch, dim, L, N), states_ptr=tensor(), dstate_ptr=tensor(),
                     dB_ptr=tensor(), dC_ptr=tensor(), batch=batch, dim=dim, L=L, N=N, n_tiles=n_tiles, **_SCAN_FLAGS,
                     HAS_DSTATE=n_tiles > 1, MULTI_TILE=n_tiles > 1, **cfg)

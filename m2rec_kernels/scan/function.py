@@ -106,6 +106,24 @@ def parallel_config_gpu(L: int):
     return tile, 1, 1
 
 
+def _triton_version() -> tuple:
+    parts = []
+    for piece in triton.__version__.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+#: How the time-parallel backward runs its reverse scan (its kernel's FLIP_BY_GATHER). Triton's
+#: ``associative_scan(..., reverse=True)`` flips the tile in and out; compiled for sm_90 that flip
+#: is one warp shuffle per step a thread holds from triton 3.9 on, but about five before (3.6-3.8:
+#: 146-266 shuffles per state at L 200-2000, ~40% of the backward's instructions). Before 3.9 the
+#: kernel flips the tile itself (``parallel_kernels._flip_steps``: reshape / split / join and one
+#: gather) and runs a forward scan; on 3.9 that form costs more than the native one (1.39 against
+#: 1.05 warp instructions per element at L 2000), so it runs there only if set here.
+FLIP_BY_GATHER = _triton_version() < (3, 9)
+
+
 def thread_steps(tile: int, num_warps: int) -> int:
     """Consecutive steps each thread holds in the time-parallel kernels' tiles (their layout anchor
     makes it up to 16); the kernels' reshapes are written for it, and need a multiple of 4."""
@@ -346,7 +364,7 @@ def _parallel_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, leng
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_LENGTHS=lengths is not None, HAS_DSTATE=has_dstate, MULTI_TILE=n_tiles > 1,
             ALIGN=ALIGN, TILE=TILE, BLOCK_D=BLOCK_D, THREAD_STEPS=thread_steps(TILE, num_warps),
-            num_warps=num_warps,
+            FLIP_BY_GATHER=FLIP_BY_GATHER, num_warps=num_warps,
         )
     dA = dA_part.sum((0, 1))
     dD = None if D is None else dD_part.sum((0, 1))

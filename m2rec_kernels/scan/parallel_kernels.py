@@ -152,6 +152,28 @@ def _next_step(x, after, BLOCK_D: tl.constexpr, TILE: tl.constexpr, THREAD_STEPS
 
 
 @triton.jit
+def _flip_rows(v, BLOCK_D: tl.constexpr, R: tl.constexpr, P: tl.constexpr):
+    # v (BLOCK_D, R, P), step r·P + k -> step order reversed: even and odd steps swap halves, each
+    # reversed (recursively); one column is left, its rows reversed.
+    if P == 1:
+        col = tl.reshape(v, (BLOCK_D, R))
+        rows = tl.arange(0, R)[None, :]
+        return tl.reshape(tl.gather(col, tl.broadcast_to(R - 1 - rows, (BLOCK_D, R)), 1), (BLOCK_D, R, 1))
+    else:
+        even, odd = tl.split(tl.reshape(v, (BLOCK_D, R, P // 2, 2)))
+        return tl.reshape(tl.join(_flip_rows(odd, BLOCK_D, R, P // 2), _flip_rows(even, BLOCK_D, R, P // 2)),
+                          (BLOCK_D, R, P))
+
+
+@triton.jit
+def _flip_steps(x, BLOCK_D: tl.constexpr, TILE: tl.constexpr, THREAD_STEPS: tl.constexpr):
+    """x[:, ::-1] of a (BLOCK_D, TILE) tile: one warp shuffle per step a thread holds."""
+    R: tl.constexpr = TILE // THREAD_STEPS
+    return tl.reshape(_flip_rows(tl.reshape(x, (BLOCK_D, R, THREAD_STEPS)), BLOCK_D, R, THREAD_STEPS),
+                      (BLOCK_D, TILE))
+
+
+@triton.jit
 def _channels(A_ptr, bias_ptr, D_ptr, lengths_ptr, pid_b, pid_d, dim, L,
               HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -266,6 +288,7 @@ def selective_scan_parallel_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_DSTATE: tl.constexpr, MULTI_TILE: tl.constexpr,
     ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, THREAD_STEPS: tl.constexpr,
+    FLIP_BY_GATHER: tl.constexpr,
 ):
     """Grid (batch, cdiv(dim, BLOCK_D)). states: the forward's (batch, n_tiles, dim, N) fp32 (read
     when MULTI_TILE). dstate: (2, batch, dim, N) fp32, dh carried between tiles (HAS_DSTATE): tile c
@@ -351,13 +374,19 @@ def selective_scan_parallel_bwd_kernel(
             if HAS_DSTATE:  # dh entering from the later tile (or d(last_state)), folded into the last step
                 dh_in = tl.load(dstate_rows + ((c + 1) % 2) * batch * dim * N + n, mask=mask_d, other=0.0)
                 gC = tl.where(is_last_col[None, :], gC + decay_next * dh_in[:, None], gC)
-            _, dh = tl.associative_scan((decay_next, gC), 1, _reverse_combine, reverse=True)
+            if FLIP_BY_GATHER:  # the reverse scan as a forward scan over the flipped tile
+                _, dh = tl.associative_scan((_flip_steps(decay_next, BLOCK_D, TILE, THREAD_STEPS),
+                                             _flip_steps(gC, BLOCK_D, TILE, THREAD_STEPS)), 1, _linear_combine)
+                dh = _flip_steps(dh, BLOCK_D, TILE, THREAD_STEPS)
+            else:
+                _, dh = tl.associative_scan((decay_next, gC), 1, _reverse_combine, reverse=True)
             if HAS_DSTATE:
                 tl.store(dstate_rows[:, None] + (c % 2) * batch * dim * N + n + 0 * offs_t[None, :], dh,
                          mask=mask_d[:, None] & is_first_col[None, :])
             # 3) DESIGN §9
             dh_Eh = dh * Eh
-            dh_B += dh * B_n
+            # B loaded again (an L1 hit) rather than kept live through the reverse scan
+            dh_B += dh * tl.load(B_row + n * s_B_n + offs_tt, mask=mask_tt, other=0.0).to(tl.float32)
             dh_Eh_A += dh_Eh * A_n[:, None]
             tl.store(dA_part_ptr + (part_rows + c * dim) * N + n, tl.sum(dh_Eh * dt, axis=1), mask=mask_d)
             _atomic_add_rows(dB_ptr + dBC_row + n * L, c * TILE, dh * dt_u, mask_d, L, BLOCK_D, TILE, THREAD_STEPS)

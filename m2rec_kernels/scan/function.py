@@ -3,17 +3,18 @@
 Two kernel families (DESIGN §4):
 
 * time-parallel (``parallel_kernels.py``, mamba's CUDA design): one program per (sequence, channel),
-  tiles of up to 2048 steps, a loop over states with an associative scan along time. It is the
-  default.
+  tiles of up to 512 steps on a GPU (``parallel_config_gpu``), a loop over states with an associative
+  scan along time. It is the default.
 * sequential (``kernels.py``): one program per (sequence, block of channels) walks time with all N
   states in registers. It is kept where it wins and for determinism.
 
 The rule (``use_time_parallel``), from the sm_90 compile of both (``python -m bench.kernel_stats``;
-no GPU was lent to time them): the sequential forward is the cheaper in instructions (0.41 warp
-instructions per element on one warp against 0.65-0.71), but each program is one warp walking L
-dependent steps of ~420 instructions, with batch × dim / 32 programs; the time-parallel kernel runs
-batch × dim programs whose dependent chain is N scan passes (~40 instructions at a 16-step tile, 143
-at 256). So the sequential kernel wins only when L is short AND there are enough channels for the
+no GPU was lent to time them): at short L the sequential forward is the cheaper in instructions
+(0.41 warp instructions per element on one warp against 1.5 for the time-parallel one at L 32, whose
+tile of 32 steps holds one step per thread; 0.34-0.58 at L 200-2000), but each program is one warp
+walking L dependent steps of ~420 instructions, with batch × dim / 32 programs; the time-parallel
+kernel runs batch × dim programs whose dependent chain is N scan passes (~45 instructions at a 16-
+or 32-step tile, 117 at 256). So the sequential kernel wins only when L is short AND there are enough channels for the
 time-parallel kernel to be throughput-bound: L <= SEQUENTIAL_MAX_L (32) and batch × dim >=
 SEQUENTIAL_MIN_CHANNELS (4096; e.g. batch 64 × d_inner 128 at L 32: ~13.5k cycles of one warp's
 issue against ~24k cycles of the whole GPU's for the parallel kernel; at batch 1 the parallel kernel
@@ -88,20 +89,21 @@ def parallel_config_gpu(L: int):
     bench.kernel_stats``; warp instructions per (d, n, t) element of the loop over states, programs
     per SM by registers):
 
-    ========================  ===============  ====================
+    ========================  ===============  ====================================
     L 2000                    forward          backward
-    ========================  ===============  ====================
-    TILE 2048, 4 warps        0.44, 4 / SM     —
-    TILE 1024, 2 warps        0.56, 8 / SM     —
-    TILE 512, 1 warp (rule)   0.41, 16 / SM    1.05, 8 / SM
-    TILE 256, 1 warp          0.55, 24 / SM    1.29, 12 / SM
-    ========================  ===============  ====================
+    ========================  ===============  ====================================
+    TILE 2048, 8 warps        —                2.12, 1 / SM (8 steps per thread)
+    TILE 2048, 4 warps        0.44, 4 / SM     1.48, 2 / SM
+    TILE 1024, 2 warps        0.47, 8 / SM     1.37, 4 / SM
+    TILE 512, 1 warp (rule)   0.41, 16 / SM    1.06, 8 / SM
+    TILE 256, 1 warp          0.55, 24 / SM    1.31, 12 / SM (8 steps per thread)
+    ========================  ===============  ====================================
 
     More warps per tile add a combine across warps through shared memory to every scan; shorter
     tiles spend more of each scan on its steps across lanes (five shuffle rounds per 8 or 16 steps
     per thread). The backward at tile 512 needs ~230 registers (8 programs of one warp per SM, as
     many warps as the 8-warp tile it replaced, which ran one program per SM in lock-step); at tile
-    256 it fits 12 per SM but issues 23% more instructions."""
+    256 it fits 12 per SM but issues 23% more instructions, and the forward 33% more."""
     tile = min(GPU_MAX_TILE, parallel_tile(L))
     return tile, 1, 1
 

@@ -440,6 +440,21 @@ def test_parallel_backward_thread_steps_and_reverse_forms(monkeypatch, device, s
     _assert_grads_close_to_fp64(kw, grads, grad_out, grad_last)
 
 
+def test_parallel_result_does_not_depend_on_the_layout_anchor(monkeypatch, device):
+    """The layout anchor's load is masked off: a buffer of non-zeros (say, memory reused after a
+    CUDA graph) changes nothing."""
+    _picks(monkeypatch, parallel=True)
+    monkeypatch.setattr(scan_function, "_layout_anchor",
+                        lambda dev, tile: torch.full((max(tile, 2048),), 7, device=dev, dtype=torch.int8))
+    kw = make_scan_inputs(**ODD, use_lengths=True, device=device)
+    grad_out = torch.randn(kw["u"].shape, generator=torch.Generator().manual_seed(6)).to(device)
+    out, last, grads = _run(kw, "triton", grad_out)
+    want_out, want_last, want_grads = _run(kw, "torch", grad_out)
+    torch.testing.assert_close(out, want_out, **FP32_TOL)
+    torch.testing.assert_close(last, want_last, **FP32_TOL)
+    _assert_grads_close(grads, want_grads, **FP32_TOL)
+
+
 def test_parallel_vectorised_rows_and_strided_inputs(monkeypatch, device):
     """L = 40 (rows 16-byte aligned: ALIGN 4 for fp32) with z and u as views of a wider tensor,
     as the model passes them, and a strided dout."""

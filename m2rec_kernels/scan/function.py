@@ -285,8 +285,9 @@ _ANCHORS = {}
 
 
 def _layout_anchor(device: torch.device, tile: int) -> torch.Tensor:
-    """int8 zeros, at least ``tile`` of them: the time-parallel kernels' layout anchor (see
-    parallel_kernels), allocated once per device."""
+    """int8 zeros, at least ``tile`` of them, 16-byte aligned: the pointer behind the time-parallel
+    kernels' layout anchor (see parallel_kernels; its load is masked off, so the buffer is never
+    read), allocated once per device."""
     anchor = _ANCHORS.get(device)
     if anchor is None or anchor.numel() < tile:
         anchor = _ANCHORS[device] = torch.zeros(max(tile, MAX_TILE, 2048), device=device, dtype=torch.int8)

@@ -99,11 +99,15 @@ def parallel_config_gpu(L: int):
     TILE 256, 1 warp          0.55, 24 / SM    1.31, 12 / SM (8 steps per thread)
     ========================  ===============  ====================================
 
-    More warps per tile add a combine across warps through shared memory to every scan; shorter
-    tiles spend more of each scan on its steps across lanes (five shuffle rounds per 8 or 16 steps
-    per thread). The backward at tile 512 needs ~230 registers (8 programs of one warp per SM, as
-    many warps as the 8-warp tile it replaced, which ran one program per SM in lock-step); at tile
-    256 it fits 12 per SM but issues 23% more instructions, and the forward 33% more."""
+    Every choice issues (warp instructions per element) × batch·dim·N·L instructions in all (batch
+    64: 8192 programs, 3.9 waves of 16 per SM for the forward, 7.8 waves of 8 for the backward), so
+    the rule takes the fewest instructions per element and, among near ties, the most programs per
+    SM to hide latency. More warps per tile add a combine across warps through shared memory to
+    every scan; shorter tiles spend more of each scan on its steps across lanes (five shuffle rounds
+    per 8 or 16 steps per thread). The backward at tile 512 needs ~230 registers (8 programs of one
+    warp per SM, as many warps as the 8-warp tile it replaced, which ran one program per SM in
+    lock-step); at tile 256 it fits 12 per SM but issues 23% more instructions, and the forward 33%
+    more."""
     tile = min(GPU_MAX_TILE, parallel_tile(L))
     return tile, 1, 1
 

@@ -99,6 +99,7 @@ def _scan_io(dt=torch.float32) -> Dict[str, object]:
     io.update({n: f32 for n in ("A_ptr", "last_ptr", "ckpt_ptr", "dlast_ptr", "scratch_ptr", "dA_part_ptr",
                                 "dB_part_ptr", "dC_part_ptr", "dD_part_ptr", "dbias_part_ptr")})
     io["lengths_ptr"] = tensor(torch.int64)
+    io["anchor_ptr"] = tensor(torch.int8)  # the time-parallel kernels' layout anchor
     return io
 
 
@@ -119,22 +120,21 @@ def _scan_label(batch, L, dim, N, kind, mode=""):
 
 @register("scan_fwd")
 def _scan_fwd() -> List[KernelCase]:
-    """The forward the host runs at each shape (use_time_parallel), in its three uses: inference
-    (per-step output), training (also the tile states when there are several tiles) and the
-    output-free last-step mode of selective_scan_final; plus the sequential forward at L 32."""
+    """The forward the host runs at each shape (use_time_parallel), in its uses: inference and
+    training (per-step output, and the tile states when there are several tiles) and the output-free
+    last-step mode of selective_scan_final; plus the sequential forward at L 32."""
     from m2rec_kernels.scan import function as F
     from m2rec_kernels.scan.kernels import selective_scan_fwd_kernel as SK
     from m2rec_kernels.scan.parallel_kernels import selective_scan_parallel_fwd_kernel as PK
     cases = []
     for batch, L, dim, N in SCAN_SHAPES + ((GPU.scan[0], 32, GPU.scan[2], GPU.scan[3]),):
         if F.use_time_parallel(batch, dim, L):
-            tile, block_d, warps = F.parallel_fwd_config_gpu(L)
+            tile, block_d, warps = F.parallel_config_gpu(L)
             n_tiles = _cdiv(L, tile)
             align = F._alignment(L, torch.float32, dim * L, L, 2 * dim * L, N * L)
-            for mode, out, states, last in (("inference", True, False, False), ("training", True, n_tiles > 1, False),
-                                            ("final", False, True, True)):
-                if mode == "training" and not states:
-                    continue  # the same compiled kernel as inference
+            # several tiles carry the state through the states buffer in every mode (_parallel_forward),
+            # so training (states for the backward) runs the inference kernel
+            for mode, out, states, last in (("inference", True, n_tiles > 1, False), ("final", False, True, True)):
                 cfg = dict(TILE=tile, BLOCK_D=block_d, ALIGN=align)
                 args = dict(_scan_io(), **_parallel_io(batch, dim, L, N), out_last_ptr=tensor(), states_ptr=tensor(),
                             dim=dim, L=L, N=N, n_tiles=n_tiles, **_SCAN_FLAGS, STORE_OUT=out, STORE_STATES=states,
@@ -163,10 +163,11 @@ def _scan_bwd() -> List[KernelCase]:
     from m2rec_kernels.scan.parallel_kernels import selective_scan_parallel_bwd_kernel as PK
     cases = []
     for batch, L, dim, N in SCAN_SHAPES:
-        tile, block_d, warps = F.parallel_bwd_config_gpu(L)
+        tile, block_d, warps = F.parallel_config_gpu(L)
         n_tiles = _cdiv(L, tile)
         align = F._alignment(L, torch.float32, dim * L, L, 2 * dim * L, N * L)
-        cfg = dict(TILE=tile, BLOCK_D=block_d, ALIGN=align)
+        cfg = dict(TILE=tile, BLOCK_D=block_d, ALIGN=align, THREAD_STEPS=F.thread_steps(tile, warps),
+                   FLIP_BY_GATHER=F.FLIP_BY_GATHER)
         args = dict(_scan_io(), **_parallel_io(batch, dim, L, N), states_ptr=tensor(), dstate_ptr=tensor(),
                     dB_ptr=tensor(), dC_ptr=tensor(), batch=batch, dim=dim, L=L, N=N, n_tiles=n_tiles, **_SCAN_FLAGS,
                     HAS_DSTATE=n_tiles > 1, MULTI_TILE=n_tiles > 1, **cfg)

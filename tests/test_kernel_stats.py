@@ -71,3 +71,10 @@ def test_registered_kernels_compile_for_sm90_without_spills(tmp_path):
     assert parallel_fwd
     for c in parallel_fwd:  # the goal for the scan's inner loop
         assert c["warp_instructions_per_element"] is not None and c["warp_instructions_per_element"] <= 0.9, c["shape"]
+    # the time-parallel backward: not back to its first form (1.85-2.05 warp instructions per
+    # element; one 8-warp program per SM at L 2000)
+    parallel_bwd = [c for c in cases if c["kernel"] == "scan_bwd" and "parallel" in c["shape"]]
+    assert parallel_bwd
+    for c in parallel_bwd:
+        assert c["warp_instructions_per_element"] is not None and c["warp_instructions_per_element"] <= 1.7, c["shape"]
+        assert c["programs_per_sm"] * c["num_warps"] >= 8, c["shape"]

@@ -127,6 +127,22 @@ def test_forward_only_without_last_state(device):
     assert_close(out, want, **FP32_TOL)
 
 
+def _assert_grads_close_to_fp64(kw, got, grad_out, grad_last):
+    """fp32 gradients against an fp64 run, within 1e-5 of each gradient's largest value (+ FP32
+    atol): the tolerance follows the magnitude of the values. For gradients whose terms cancel: with
+    the gradient only through the last state, dΔ at some steps sums terms Σ_n |dh·(u·B + A·decay·h)|
+    10³ times larger than the result, so two fp32 summation orders (the reference's and the
+    kernel's) differ there by more than a uniform 1e-4, while both stay within ~1e-6 of the scale."""
+    exact = clone_inputs(kw, requires_grad=False, dtype=torch.float64)
+    exact["A"] = exact["A"].double()
+    truth = _run(exact, "torch", None if grad_out is None else grad_out.double(),
+                 None if grad_last is None else grad_last.double())[2]
+    assert got.keys() == truth.keys()
+    for name in truth:
+        err, scale = _max_err(got[name], truth[name]), truth[name].abs().max().item()
+        assert err <= 1e-5 * scale + FP32_TOL["atol"], f"grad of {name}: error {err:.3g} at scale {scale:.3g}"
+
+
 def _max_err(got, truth):
     return (got.double() - truth.double()).abs().max().item()
 
@@ -345,6 +361,18 @@ def test_shape_rule():
         torch.use_deterministic_algorithms(False)
 
 
+def test_gpu_tile_rule():
+    """Tiles of up to 512 steps on one warp (16 steps per thread; L 200: one tile of 256, 8 per
+    thread), the same for the forward and the backward, which restarts from the forward's tiles."""
+    cfg, steps = scan_function.parallel_config_gpu, scan_function.thread_steps
+    assert cfg(200) == (256, 1, 1) and steps(256, 1) == 8
+    assert cfg(2000) == (512, 1, 1) and steps(512, 1) == 16
+    assert cfg(512) == (512, 1, 1) and cfg(513) == (512, 1, 1) and cfg(5) == (16, 1, 1)
+    assert steps(16, 1) == 4 and steps(2048, 4) == 16  # at least 4 (the atomics' vectors), at most 16
+    anchor = scan_function._layout_anchor(torch.device("cpu"), 4096)
+    assert anchor.dtype == torch.int8 and anchor.numel() >= 4096 and not anchor.any()
+
+
 @pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
 def test_each_kernel_matches_reference(monkeypatch, device, parallel):
     calls = _picks(monkeypatch, parallel)
@@ -381,6 +409,47 @@ def test_parallel_across_time_tiles(monkeypatch, device, use_D, use_z, use_bias,
     out, last, grads = _run(kw, "triton", grad_out, grad_last)
     assert calls["parallel"] == 1
     want_out, want_last, want_grads = _run(kw, "torch", grad_out, grad_last)
+    assert_close(out, want_out, **FP32_TOL)
+    assert_close(last, want_last, **FP32_TOL)
+    _assert_grads_close_to_fp64(kw, grads, grad_out, grad_last)
+    for name, want in want_grads.items():
+        assert grads[name].dtype == want.dtype, name
+
+
+@pytest.mark.parametrize("flip_by_gather", [False, True], ids=["native-reverse", "gather-flip"])
+@pytest.mark.parametrize("steps", [4, 8, 16])
+def test_parallel_backward_thread_steps_and_reverse_forms(monkeypatch, device, steps, flip_by_gather):
+    """The backward's reshapes written for THREAD_STEPS consecutive steps per thread (the one-step
+    shift of the decay, the dB/dC atomics, the gathered flip of the reverse scan) at 4, 8 and 16,
+    with both forms of the reverse scan, across tiles of 32 steps (L 37: two tiles, lengths 37, 12
+    and 0), every option, gradients through the output and the last state."""
+    calls = _picks(monkeypatch, parallel=True)
+    monkeypatch.setattr(scan_function, "FLIP_BY_GATHER", flip_by_gather)
+    if device.type == "cpu":
+        monkeypatch.setattr(scan_function, "MAX_TILE", 32)
+        monkeypatch.setattr(scan_function, "thread_steps", lambda tile, num_warps: steps)
+    kw = make_scan_inputs(**ODD, use_lengths=True, device=device)
+    g = torch.Generator().manual_seed(5)
+    grad_out = torch.randn(kw["u"].shape, generator=g).to(device)
+    grad_last = torch.randn(ODD["batch"], ODD["dim"], ODD["N"], generator=g).to(device)
+    out, last, grads = _run(kw, "triton", grad_out, grad_last)
+    assert calls["parallel"] == 1
+    want_out, want_last, want_grads = _run(kw, "torch", grad_out, grad_last)
+    assert_close(out, want_out, **FP32_TOL)
+    assert_close(last, want_last, **FP32_TOL)
+    _assert_grads_close_to_fp64(kw, grads, grad_out, grad_last)
+
+
+def test_parallel_result_does_not_depend_on_the_layout_anchor(monkeypatch, device):
+    """The layout anchor's load is masked off: a buffer of non-zeros (say, memory reused after a
+    CUDA graph) changes nothing."""
+    _picks(monkeypatch, parallel=True)
+    monkeypatch.setattr(scan_function, "_layout_anchor",
+                        lambda dev, tile: torch.full((max(tile, 2048),), 7, device=dev, dtype=torch.int8))
+    kw = make_scan_inputs(**ODD, use_lengths=True, device=device)
+    grad_out = torch.randn(kw["u"].shape, generator=torch.Generator().manual_seed(6)).to(device)
+    out, last, grads = _run(kw, "triton", grad_out)
+    want_out, want_last, want_grads = _run(kw, "torch", grad_out)
     assert_close(out, want_out, **FP32_TOL)
     assert_close(last, want_last, **FP32_TOL)
     _assert_grads_close(grads, want_grads, **FP32_TOL)

@@ -3,17 +3,18 @@
 Two kernel families (DESIGN §4):
 
 * time-parallel (``parallel_kernels.py``, mamba's CUDA design): one program per (sequence, channel),
-  tiles of up to 2048 steps, a loop over states with an associative scan along time. It is the
-  default.
+  tiles of up to 512 steps on a GPU (``parallel_config_gpu``), a loop over states with an associative
+  scan along time. It is the default.
 * sequential (``kernels.py``): one program per (sequence, block of channels) walks time with all N
   states in registers. It is kept where it wins and for determinism.
 
 The rule (``use_time_parallel``), from the sm_90 compile of both (``python -m bench.kernel_stats``;
-no GPU was lent to time them): the sequential forward is the cheaper in instructions (0.41 warp
-instructions per element on one warp against 0.65-0.71), but each program is one warp walking L
-dependent steps of ~420 instructions, with batch × dim / 32 programs; the time-parallel kernel runs
-batch × dim programs whose dependent chain is N scan passes (~40 instructions at a 16-step tile, 143
-at 256). So the sequential kernel wins only when L is short AND there are enough channels for the
+no GPU was lent to time them): at short L the sequential forward is the cheaper in instructions
+(0.41 warp instructions per element on one warp against 1.5 for the time-parallel one at L 32, whose
+tile of 32 steps holds one step per thread; 0.34-0.58 at L 200-2000), but each program is one warp
+walking L dependent steps of ~420 instructions, with batch × dim / 32 programs; the time-parallel
+kernel runs batch × dim programs whose dependent chain is N scan passes (~45 instructions at a 16-
+or 32-step tile, 117 at 256). So the sequential kernel wins only when L is short AND there are enough channels for the
 time-parallel kernel to be throughput-bound: L <= SEQUENTIAL_MAX_L (32) and batch × dim >=
 SEQUENTIAL_MIN_CHANNELS (4096; e.g. batch 64 × d_inner 128 at L 32: ~13.5k cycles of one warp's
 issue against ~24k cycles of the whole GPU's for the parallel kernel; at batch 1 the parallel kernel
@@ -74,20 +75,65 @@ def parallel_tile(L: int) -> int:
     return max(16, min(MAX_TILE, triton.next_power_of_2(max(L, 1))))
 
 
-def parallel_fwd_config_gpu(L: int):
-    """(TILE, BLOCK_D, num_warps) of the time-parallel forward. One channel per program (the most
-    programs: batch 1 still fills 128 SMs) and 16 steps per thread: compiled for sm_90 the loop over
-    states then costs 0.69 warp instructions per element at L 2000 (4 warps, 150 registers) and
-    0.72 at L 200 (tile 256, 1 warp, padding included); 8 steps per thread on 8 warps cost 0.91."""
-    tile = parallel_tile(L)
-    return tile, 1, max(1, tile // 512)
+#: Longest time tile of the time-parallel kernels on a GPU (one warp: 16 steps per thread).
+GPU_MAX_TILE = 512
 
 
-def parallel_bwd_config_gpu(L: int):
-    """(TILE, BLOCK_D, num_warps) of the time-parallel backward: ~8 steps per thread, which keeps its
-    ~20 live tiles under 255 registers without spills (compiled for sm_90)."""
-    tile = parallel_tile(L)
-    return tile, 1, max(1, tile // 256)
+def parallel_config_gpu(L: int):
+    """(TILE, BLOCK_D, num_warps) of the time-parallel forward and backward on a GPU — one rule for
+    both, since the backward restarts each tile from the state the forward stored at its end.
+
+    One channel and one warp per program, and tiles of up to GPU_MAX_TILE = 512 steps: 16 consecutive
+    steps per thread (8 at L 200, whose tile is 256), and L > 512 runs as several tiles with the state
+    carried between them (L 2000: 4 tiles). Compiled for sm_90 (triton 3.9, ``python -m
+    bench.kernel_stats``; warp instructions per (d, n, t) element of the loop over states, programs
+    per SM by registers):
+
+    ========================  ===============  ====================================
+    L 2000                    forward          backward
+    ========================  ===============  ====================================
+    TILE 2048, 8 warps        —                2.12, 1 / SM (8 steps per thread)
+    TILE 2048, 4 warps        0.44, 4 / SM     1.48, 2 / SM
+    TILE 1024, 2 warps        0.47, 8 / SM     1.37, 4 / SM
+    TILE 512, 1 warp (rule)   0.41, 16 / SM    1.06, 8 / SM
+    TILE 256, 1 warp          0.55, 24 / SM    1.31, 12 / SM (8 steps per thread)
+    ========================  ===============  ====================================
+
+    Every choice issues (warp instructions per element) × batch·dim·N·L instructions in all (batch
+    64: 8192 programs, 3.9 waves of 16 per SM for the forward, 7.8 waves of 8 for the backward), so
+    the rule takes the fewest instructions per element and, among near ties, the most programs per
+    SM to hide latency. More warps per tile add a combine across warps through shared memory to
+    every scan; shorter tiles spend more of each scan on its steps across lanes (five shuffle rounds
+    per 8 or 16 steps per thread). The backward at tile 512 needs ~230 registers (8 programs of one
+    warp per SM, as many warps as the 8-warp tile it replaced, which ran one program per SM in
+    lock-step); at tile 256 it fits 12 per SM but issues 23% more instructions, and the forward 33%
+    more."""
+    tile = min(GPU_MAX_TILE, parallel_tile(L))
+    return tile, 1, 1
+
+
+def _triton_version() -> tuple:
+    parts = []
+    for piece in triton.__version__.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+#: How the time-parallel backward runs its reverse scan (its kernel's FLIP_BY_GATHER). Triton's
+#: ``associative_scan(..., reverse=True)`` flips the tile in and out; compiled for sm_90 that flip
+#: is one warp shuffle per step a thread holds from triton 3.9 on, but about five before (3.6-3.8:
+#: 146-266 shuffles per state at L 200-2000, ~40% of the backward's instructions). Before 3.9 the
+#: kernel flips the tile itself (``parallel_kernels._flip_steps``: reshape / split / join and one
+#: gather) and runs a forward scan; on 3.9 that form costs more than the native one (1.39 against
+#: 1.05 warp instructions per element at L 2000), so it runs there only if set here.
+FLIP_BY_GATHER = _triton_version() < (3, 9)
+
+
+def thread_steps(tile: int, num_warps: int) -> int:
+    """Consecutive steps each thread holds in the time-parallel kernels' tiles (their layout anchor
+    makes it up to 16); the kernels' reshapes are written for it, and need a multiple of 4."""
+    return max(4, min(16, tile // (32 * num_warps)))
 
 
 def fwd_config_gpu(batch: int, dim: int, N: int, sms: int):
@@ -233,10 +279,23 @@ def _sequential_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, le
 
 # --------------------------------------------------------------------------- time-parallel kernels
 
-def _parallel_config(L: int, device: torch.device, backward: bool):
+def _parallel_config(L: int, device: torch.device):
     if triton_interpreter_enabled() or device.type != "cuda":
         return parallel_tile(L), INTERPRETER_BLOCK_D, 4
-    return (parallel_bwd_config_gpu if backward else parallel_fwd_config_gpu)(L)
+    return parallel_config_gpu(L)
+
+
+_ANCHORS = {}
+
+
+def _layout_anchor(device: torch.device, tile: int) -> torch.Tensor:
+    """int8 zeros, at least ``tile`` of them, 16-byte aligned: the pointer behind the time-parallel
+    kernels' layout anchor (see parallel_kernels; its load is masked off, so the buffer is never
+    read), allocated once per device."""
+    anchor = _ANCHORS.get(device)
+    if anchor is None or anchor.numel() < tile:
+        anchor = _ANCHORS[device] = torch.zeros(max(tile, MAX_TILE, 2048), device=device, dtype=torch.int8)
+    return anchor
 
 
 def _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths,
@@ -244,7 +303,7 @@ def _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengt
     """Returns (out or None, states (batch, n_tiles, dim, N) fp32 or None, out_last or None)."""
     batch, dim, L = u.shape
     N = A.shape[1]
-    TILE, BLOCK_D, num_warps = _parallel_config(L, u.device, backward=False)
+    TILE, BLOCK_D, num_warps = _parallel_config(L, u.device)
     n_tiles = max(1, triton.cdiv(L, TILE))
     store_states = store_states or last_out or n_tiles > 1  # several tiles carry the state through it
     dev = u.device
@@ -260,6 +319,7 @@ def _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengt
     selective_scan_parallel_fwd_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
         u, delta, A, B, C, dummy if D is None else D, zz,
         dummy if delta_bias is None else delta_bias, dummy if lengths is None else lengths,
+        _layout_anchor(dev, TILE),
         dummy if out is None else out, dummy if states is None else states, dummy if out_last is None else out_last,
         dim, L, N, n_tiles,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), dim * L, L,
@@ -275,7 +335,7 @@ def _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengt
 def _parallel_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, states, dout, dlast):
     batch, dim, L = u.shape
     N = A.shape[1]
-    TILE, BLOCK_D, num_warps = _parallel_config(L, u.device, backward=True)
+    TILE, BLOCK_D, num_warps = _parallel_config(L, u.device)
     n_tiles = max(1, triton.cdiv(L, TILE))
     dev, f32 = u.device, torch.float32
     du = torch.empty(batch, dim, L, device=dev, dtype=u.dtype)
@@ -301,6 +361,7 @@ def _parallel_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, leng
         selective_scan_parallel_bwd_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
             u, delta, A, B, C, dummy if D is None else D, zz,
             dummy if delta_bias is None else delta_bias, dummy if lengths is None else lengths,
+            _layout_anchor(dev, TILE),
             dout, dummy if states is None else states, dummy if dstate is None else dstate,
             du, ddelta, du if dz is None else dz, dB, dC, dA_part,
             dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
@@ -309,7 +370,8 @@ def _parallel_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, leng
             dout.stride(0), dout.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_LENGTHS=lengths is not None, HAS_DSTATE=has_dstate, MULTI_TILE=n_tiles > 1,
-            ALIGN=ALIGN, TILE=TILE, BLOCK_D=BLOCK_D, num_warps=num_warps,
+            ALIGN=ALIGN, TILE=TILE, BLOCK_D=BLOCK_D, THREAD_STEPS=thread_steps(TILE, num_warps),
+            FLIP_BY_GATHER=FLIP_BY_GATHER, num_warps=num_warps,
         )
     dA = dA_part.sum((0, 1))
     dD = None if D is None else dD_part.sum((0, 1))

@@ -10,26 +10,16 @@
 #include <string>
 #include <tuple>
 
+#include "cpu_isa.h"
 #include "scan_api.h"
 
 namespace m2rec_scan {
 namespace {
 
-enum Isa : int64_t { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-bool cpu_has(Isa isa) {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (isa == kAvx512)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("fma");
-  if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  if (isa != kGeneric) return false;
-#endif
-  return true;
-}
+using m2rec_cpu::cpu_has;
+using m2rec_cpu::kAvx2;
+using m2rec_cpu::kAvx512;
+using m2rec_cpu::kGeneric;
 
 // The variant's kernels, or nullptr when it is not in this library or the CPU lacks the instructions.
 const KernelTable* table_or_null(int64_t isa) {

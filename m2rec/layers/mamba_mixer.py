@@ -244,7 +244,12 @@ class MambaMixer(nn.Module):
         time_major = self._time_major(hidden_states)
         A, D, dt_bias = self._scan_params()
         xz = self._in_proj(hidden_states, slice(0, 2 * di), time_major)
-        x_in, z = xz[:, :di], xz[:, di:]
+        # Split along the channels' memory axis: the split's backward (one cat, not two zero-filled
+        # slice gradients) then writes in_proj's output gradient in in_proj's own layout.
+        if time_major:
+            x_in, z = (t.transpose(1, 2) for t in xz.transpose(1, 2).split(di, dim=-1))
+        else:
+            x_in, z = xz.split(di, dim=1)
         conv_state = self._conv_window(x_in, lengths) if want_states else None
         x, delta, B, C = self._conv_ssm_inputs(x_in, time_major)
         result = selective_scan(x, delta, A, B, C, D=D, z=z, delta_bias=dt_bias, delta_softplus=True,

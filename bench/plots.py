@@ -38,7 +38,7 @@ MODEL_COLORS = {"m2rec": "#1f77b4", "mamba4rec": "#ff7f0e", "sasrec": "#2ca02c",
 BACKEND_COLORS = {"triton": "#1f77b4", "triton-dft": "#9467bd", "cpu": "#17becf", "torch": "#7f7f7f",
                   "torch.fft": "#2ca02c", "mamba_ssm": "#d62728",
                   "mamba_ssm_ref": "#ff7f0e"}
-OPS = ("selective_scan", "selective_scan_final", "fft_filter", "causal_filter", "gated_fusion")
+OPS = ("selective_scan", "selective_scan_final", "fft_filter", "causal_filter", "gated_fusion", "causal_conv1d")
 #: M2Rec's line style per kernel backend (the models' colours are fixed)
 M2REC_LINESTYLES = {"triton": "-", "cpu": "-."}
 PASS_TITLES = {"op_forward": "forward", "op_forward_backward": "forward + backward"}
@@ -300,7 +300,7 @@ def _op_shapes(rows: List[Dict]) -> str:
     parts = {}
     for r in rows:
         parts.setdefault(r["name"], f"{r['name']} batch {r['batch']}, L {r['L']}")
-    return "; ".join(parts[op] for op in OPS if op in parts) + " (d_inner 128, N 32 for the scan; d 64 otherwise)."
+    return "; ".join(parts[op] for op in OPS if op in parts) + " (d_inner 128, N 32 for the scan; d_inner 128, 4 taps for causal_conv1d; d 64 otherwise)."
 
 
 def plot_training(data: Dict, source: Path, out: Path) -> Path:

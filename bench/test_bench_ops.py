@@ -16,7 +16,9 @@ Backends compared per op:
 * ``causal_filter`` (K = L taps: the model's causal filter) — ``triton`` (direct kernel, L²/2 per row and
   channel, for L <= 256; torch.fft above), ``torch`` (FFT with a written-out backward) and ``torch.fft``
   (rfft of the kernel and the plain formula under autograd);
-* ``gated_fusion`` (3 branches) — ``triton`` and ``torch`` (there is no ecosystem op).
+* ``gated_fusion`` (3 branches) — ``triton`` and ``torch`` (there is no ecosystem op);
+* ``causal_conv1d`` (Mamba's depthwise conv, 4 taps, + SiLU, at the scan's shape, x time-major as
+  ``MambaMixer`` passes it on CPU) — ``cpu`` (the compiled kernel) and ``torch`` (``F.conv1d``).
 
 Forward runs under ``torch.no_grad``; forward+backward backpropagates a fixed random output gradient into
 every input that a training step would differentiate.
@@ -44,6 +46,7 @@ CASES = [
     ("fft_filter", "triton"), ("fft_filter", "triton-dft"), ("fft_filter", "torch"), ("fft_filter", "torch.fft"),
     ("causal_filter", "triton"), ("causal_filter", "torch"), ("causal_filter", "torch.fft"),
     ("gated_fusion", "triton"), ("gated_fusion", "torch"),
+    ("causal_conv1d", "cpu"), ("causal_conv1d", "torch"),
 ]
 
 
@@ -129,6 +132,19 @@ def _fusion_call(backend, training):
     return lambda a: gated_fusion(**a, training=training, backend=backend)
 
 
+def _conv_inputs(batch, L, d, device, requires_grad):
+    """x (batch, d, L) as the transpose of a (batch, L, d) tensor (MambaMixer's layout on CPU)."""
+    x = torch.randn(batch, L, d, device=device).transpose(1, 2).requires_grad_(requires_grad)
+    weight = (torch.randn(d, 4, device=device) * 0.5).requires_grad_(requires_grad)
+    return dict(x=x, weight=weight, bias=torch.randn(d, device=device).requires_grad_(requires_grad))
+
+
+def _conv_call(backend):
+    from m2rec_kernels import causal_conv1d
+
+    return lambda a: causal_conv1d(**a, activation="silu", backend=backend)
+
+
 def _leaves(args):
     out = []
     for v in args.values():
@@ -156,6 +172,11 @@ def _case(op, backend, pass_, grid, device):
         args = _causal_inputs(batch, L, d, device, backward)
         call = _causal_call(backend)
         shape = dict(batch=batch, L=L, d=d, K=L)
+    elif op == "causal_conv1d":
+        batch, L, d, _ = grid.scan
+        args = _conv_inputs(batch, L, d, device, backward)
+        call = _conv_call(backend)
+        shape = dict(batch=batch, L=L, d=d, K=4)
     else:
         batch, L, d = grid.seq_op
         args = _fusion_inputs(batch, L, d, device, backward)
@@ -223,7 +244,7 @@ def _impl_note(op, backend):
 def test_op(benchmark, grid, bench_dev, not_run, op, backend, pass_):
     kind = f"op_{pass_}"
     reason = _unavailable(op, backend, pass_, bench_dev)
-    shape = dict(zip(("batch", "L"), grid.scan[:2] if op == "selective_scan" else grid.seq_op[:2]))
+    shape = dict(zip(("batch", "L"), grid.scan[:2] if op in ("selective_scan", "causal_conv1d") else grid.seq_op[:2]))
     fields = dict(kind=kind, name=op, backend=backend, device=bench_dev.type, **shape)
     if reason is not None:
         not_run(reason, **fields)

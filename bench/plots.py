@@ -248,8 +248,9 @@ def plot_ops(data: Dict, source: Path, out: Path) -> Path:
     notes: Dict[str, str] = {}
     width = 0.8 / max(len(backends), 1)
     for ax, kind in zip(axes, PASS_TITLES):
-        cell = {(r["name"], r["backend"]): r for r in rows if r["kind"] == kind}
-        ops = [op for op in OPS if any(k[0] == op for k in cell)]
+        cell = {(_op_group(r, rows), r["backend"]): r for r in rows if r["kind"] == kind}
+        ops = [g for op in OPS for g in sorted({k[0] for k in cell if k[0].split(" L")[0] == op},
+                                                key=lambda g: (len(g), g))]
         speeds = [1.0]
         for i, op in enumerate(ops):
             present = [b for b in backends if (op, b) in cell]
@@ -296,11 +297,19 @@ def plot_ops(data: Dict, source: Path, out: Path) -> Path:
     return out
 
 
+def _op_group(row: Dict, rows: List[Dict]) -> str:
+    """The bar group of an op row: the op's name, with " L<n>" when the op was timed at several L."""
+    lengths = {r["L"] for r in rows if r["name"] == row["name"]}
+    return row["name"] if len(lengths) == 1 else f"{row['name']} L{row['L']}"
+
+
 def _op_shapes(rows: List[Dict]) -> str:
-    parts = {}
+    parts: Dict[str, Dict] = {}
     for r in rows:
-        parts.setdefault(r["name"], f"{r['name']} batch {r['batch']}, L {r['L']}")
-    return "; ".join(parts[op] for op in OPS if op in parts) + " (d_inner 128, N 32 for the scan; d 64 otherwise)."
+        entry = parts.setdefault(r["name"], dict(batch=r["batch"], L=set()))
+        entry["L"].add(r["L"])
+    return "; ".join(f"{op} batch {parts[op]['batch']}, L {' and '.join(str(L) for L in sorted(parts[op]['L']))}"
+                     for op in OPS if op in parts) + " (d_inner 128, N 32 for the scan; d 64 otherwise)."
 
 
 def plot_training(data: Dict, source: Path, out: Path) -> Path:

@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -229,6 +229,29 @@ def model_kwargs_for(cfg: TrainConfig, text_dim: Optional[int]) -> Dict[str, Any
     return kwargs
 
 
+def train_step(loss_of: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer, group: ProcessGroup,
+               inputs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, real: bool,
+               all_positions: bool) -> Tuple[float, float]:
+    """One optimiser step on this process's part of a global batch (``iterate_batch_shards``; ``real``
+    False: a stand-in that weighs nothing), with ``loss_of`` from ``group.parallel_loss``. Returns the
+    global batch's loss sum and target count (one process: this batch's); when their ratio is not
+    finite nothing is updated, and the caller ends the run (every process sees the same numbers)."""
+    loss = loss_of(inputs, lengths, targets, all_positions=all_positions)
+    n_targets = int((targets != 0).sum()) if real else 0
+    batch_sum, batch_count = group.sum([loss.item() * n_targets if real else 0.0, n_targets])
+    if not math.isfinite(batch_sum / batch_count):
+        return batch_sum, batch_count
+    if group.distributed:
+        # The loss is this part's mean over its targets, and DDP averages the processes' gradients.
+        # Weighted by the part's share of the global batch's targets (times the number of processes),
+        # that average is the gradient of the global batch's mean: one process's semantics.
+        loss = loss * (n_targets * group.world_size / batch_count)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return batch_sum, batch_count
+
+
 def _quiet(message: str) -> None:
     pass
 
@@ -328,23 +351,12 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], group: ProcessGroup) ->
                                            generator=generator, full_width=full_width)
             for inputs, lengths, targets, real in tqdm(batches, total=n_batches, desc=f"epoch {epoch}", leave=False,
                                                        disable=None if cfg.progress and group.is_main else True):
-                inputs, lengths, targets = inputs.to(device), lengths.to(device), targets.to(device)
-                loss = loss_of(inputs, lengths, targets, all_positions=all_positions)
-                n_targets = int((targets != 0).sum()) if real else 0
-                # The global batch's loss sum and target count (one process: this batch's).
-                batch_sum, batch_count = group.sum([loss.item() * n_targets if real else 0.0, n_targets])
+                batch_sum, batch_count = train_step(loss_of, optimizer, group, inputs.to(device), lengths.to(device),
+                                                    targets.to(device), real, all_positions)
                 batch_loss = batch_sum / batch_count
                 if not math.isfinite(batch_loss):
                     raise ended_early(TrainingDiverged, f"epoch {epoch}: the training loss is {batch_loss}, "
                                                         f"so training diverged (a smaller --lr may help)")
-                if group.distributed:
-                    # The loss is this part's mean; DDP averages the processes' gradients. Weighted by
-                    # the part's share of the global batch's targets (times the number of processes),
-                    # the average is the gradient of the global batch's mean: one process's semantics.
-                    loss = loss * (n_targets * group.world_size / batch_count)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
                 total += batch_sum
                 count += batch_count
             if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):

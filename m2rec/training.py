@@ -298,7 +298,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], group: ProcessGroup) ->
     if group.distributed:
         log(f"{group.world_size} processes ({'nccl' if device.type == 'cuda' else 'gloo'}): "
             f"{cfg.batch_size} sequences per process and step ({cfg.batch_size * group.world_size} in all), "
-            f"{torch.get_num_threads()} torch threads per process")
+            f"torch threads per process: {torch.get_num_threads()}")
 
     # Rank 0 alone reads or encodes the texts; the others build the model around a placeholder of the
     # same shape, and rank 0's table reaches them with the model's buffers.

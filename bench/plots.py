@@ -363,7 +363,9 @@ def _plot_process_scaling(ax, rows: List[Dict]) -> None:
             continue
         rate = r["batch"] / (float(r["median_ms"]) / 1e3)
         ax.bar(i, rate, 0.6, color=MODEL_COLORS.get(r["name"], "black"), alpha=1.0 if i == 0 else 0.65)
-        speedup = f"\n{float(base['median_ms']) / float(r['median_ms']):.2f}x" if base is not None and r is not base else ""
+        speedup = ""
+        if base is not None and r is not base:
+            speedup = f"\n{float(base['median_ms']) / float(r['median_ms']):.2f}x"
         ax.text(i, rate, f"{rate:.3g}{speedup}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["backend"].split(", ", 1)[-1] for r in rows], fontsize=8)

@@ -57,6 +57,8 @@ def _worker(rank: int, world: int, port: int, pipe, spec: Dict) -> None:
 
     try:
         torch.set_num_threads(spec["threads"])
+        if "lo" in [name for _, name in socket.if_nameindex()]:  # gloo on loopback, whatever the host name is
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=START_TIMEOUT_S))
         step, notes = _set_up(rank, world, spec)

@@ -65,11 +65,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def loopback_interface() -> dict:
+    """GLOO_SOCKET_IFNAME for the loopback interface: gloo would otherwise bind to whatever address the
+    host name resolves to, which on some machines is a network card."""
+    names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
+    return {"GLOO_SOCKET_IFNAME": "lo"} if "lo" in names else {}
+
+
 def torchrun(options: dict, timeout: float = 240) -> subprocess.CompletedProcess:
     """tests/_distributed_worker.py in 2 processes, rendezvous on 127.0.0.1 (a port free a moment ago:
-    tried again once should another process take it in between)."""
+    tried again once should another process take it in between), gloo on the loopback interface."""
     env = dict(os.environ, M2REC_TEST_WORKER=json.dumps(options), OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **loopback_interface())
     for _ in range(2):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER)]

@@ -136,17 +136,17 @@ def cmd_evaluate(args) -> int:
     from .atomic_io import write_text_atomic
     from .checkpoint import check_same_data, load_checkpoint, training_data
     from .data import load_dataset
-    from .distributed import join, launched_ranks
+    from .distributed import join
     from .evaluation import rank_targets
     from .metrics import metrics_from_ranks, standard_errors
     from m2rec_kernels._backend import check_backend_runs
-    if launched_ranks()[0] == 0:  # under torchrun rank 0 alone writes the result
-        check_output_file(args.output, "--output")  # before the metrics are computed, not after
     if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
         raise ValueError(f"--dist-timeout must be a finite number of seconds > 0, got {args.dist_timeout}")
     _threads(args.threads)
     check_backend_runs(args.backend, args.device, "--backend")
     with join(args.device, args.dist_timeout) as group:  # several processes: each ranks a block of users
+        if group.is_main:  # rank 0 alone writes the result; checked once the processes have met
+            check_output_file(args.output, "--output")  # before the metrics are computed, not after
         model, ckpt = load_checkpoint(args.checkpoint, device=group.device, backend=args.backend)
         where, source = training_data(ckpt, args.data)
         data = load_dataset(where, k_core=ckpt["data"]["k_core"])

@@ -38,7 +38,7 @@ from m2rec_kernels._backend import check_backend_runs
 
 from .checkpoint import data_source
 from .data import build_training_examples, iterate_batch_shards, load_dataset
-from .distributed import DEFAULT_TIMEOUT_S, PeerFailed, ProcessGroup, join, launched_ranks, threads_per_process
+from .distributed import DEFAULT_TIMEOUT_S, PeerFailed, ProcessGroup, join, threads_per_process
 from .evaluation import evaluate, needs_full_width
 from .models import MODELS, build_model
 from .run_folder import RunFolder, check_output_dir
@@ -85,8 +85,8 @@ class TrainConfig:
     dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds a collective waits under torchrun (m2rec.distributed)
 
     def check(self, output_dir: bool = True) -> None:
-        """Every option, and the output folder (unless ``output_dir`` is False: under torchrun only rank 0
-        checks it, as only rank 0 writes it), before any data are loaded (one-line ValueErrors)."""
+        """Every option, and the output folder unless ``output_dir`` is False (``train`` leaves it to
+        ``RunFolder.prepare`` on rank 0), before any data are loaded (one-line ValueErrors)."""
         if self.model not in MODELS:
             raise ValueError(f"--model must be one of {sorted(MODELS)}, got {self.model!r}")
         if self.model != "m2rec":
@@ -259,8 +259,10 @@ def _quiet(message: str) -> None:
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Train one model (module docstring); under torchrun every process calls this, and only rank 0
     logs (``log``) and writes ``cfg.out_dir``."""
-    rank, _ = launched_ranks()
-    cfg.check(output_dir=rank == 0)  # the others never write the folder, and rank 0 may have begun to
+    # Options fail alike on every process, before they meet. The folder is rank 0's alone, and checked
+    # once they have met (RunFolder.prepare, before any data are loaded): a process that failed before
+    # meeting would leave the others waiting for it inside the rendezvous.
+    cfg.check(output_dir=False)
     with join(cfg.device, cfg.dist_timeout) as group:
         return _train(cfg, log if group.is_main else _quiet, group)
 

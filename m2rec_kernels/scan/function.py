@@ -18,7 +18,9 @@ or 32-step tile, 117 at 256). So the sequential kernel wins only when L is short
 time-parallel kernel to be throughput-bound: L <= SEQUENTIAL_MAX_L (32) and batch × dim >=
 SEQUENTIAL_MIN_CHANNELS (4096; e.g. batch 64 × d_inner 128 at L 32: ~13.5k cycles of one warp's
 issue against ~24k cycles of the whole GPU's for the parallel kernel; at batch 1 the parallel kernel
-wins by spreading 128 programs over the SMs). Everything else runs time-parallel. Under
+wins by spreading 128 programs over the SMs). Everything else runs time-parallel, and so do
+grouped and time-invariant B/C at every L (``bc_forms.py``; the sequential backward spills 8 bytes
+with them at N 32, the time-parallel kernels take them at the cost of the per-sequence form). Under
 ``torch.use_deterministic_algorithms(True)``, a call that needs gradients runs the sequential
 kernels (whose reductions are all deterministic partial sums): the time-parallel backward adds dB
 and dC with atomics.

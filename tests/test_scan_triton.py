@@ -306,8 +306,8 @@ _COMPILE_SM90 = textwrap.dedent(
         ints = dict.fromkeys(("batch", "dim", "L", "N", "n_chunks", "s_B_b", "s_B_g", "s_C_b", "s_C_g",
                               "B_group_size", "C_group_size"), "i32")
         flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
-        # B / C per sequence (0), grouped (1), time-invariant (2): every form as B and as C
-        for B_FORM, C_FORM in ((0, 0), (1, 2), (2, 1)):
+        # B / C per sequence (0), grouped (1), time-invariant (2): every form as B and as C (fp32)
+        for B_FORM, C_FORM in ((0, 0), (1, 2), (2, 1)) if dt == "fp32" else ((0, 0),):
             forms = dict(B_FORM=B_FORM, C_FORM=C_FORM)
             build(K.selective_scan_fwd_kernel, ptrs, ints,
                   dict(flags, HAS_LENGTHS=True, STORE_LAST=True, STORE_CKPT=True, CHUNK=16, BLOCK_D=32, BLOCK_N=32,

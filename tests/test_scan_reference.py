@@ -383,3 +383,21 @@ def test_complex_A_is_refused_with_a_clear_error(op):
     A = torch.complex(-torch.rand(6, 3), torch.randn(6, 3))
     with pytest.raises(TypeError, match="complex A .* is not supported"):
         fn(**dict(good, A=A))
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 5, 3), (2, 0, 5, 3), (2, 6, 0, 3)], ids=["batch0", "dim0", "L0"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+def test_bc_forms_empty_shapes(shape, backend):
+    """Empty batch, channels or time with grouped / time-invariant B, C: empty outputs, zero gradients in
+    the inputs' forms (the compiled CPU scan with grouped ones: it does not take time-invariant B/C)."""
+    from m2rec_kernels.scan.cpu import cpu_scan_unavailable
+
+    if backend == "cpu" and cpu_scan_unavailable():
+        pytest.skip(cpu_scan_unavailable())
+    for B_form, C_form in ((2, 3),) if backend == "cpu" else ((2, "inv"), ("inv", 3)):
+        kw = clone_inputs(make_scan_inputs(*shape, B_form=B_form, C_form=C_form))
+        out, last = selective_scan(**kw, return_last_state=True, backend=backend)
+        assert out.shape == kw["u"].shape and last.shape == (shape[0], shape[1], shape[3])
+        (out.sum() + last.sum()).backward()
+        for name in ("B", "C"):
+            assert kw[name].grad.shape == kw[name].shape and not kw[name].grad.any(), name

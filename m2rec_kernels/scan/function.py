@@ -331,7 +331,7 @@ def _sequential_bc_grad(part: torch.Tensor, X: torch.Tensor, batch: int, N: int,
     if X.dim() == 3:
         return part.sum(0)
     G = X.shape[1]
-    return part.view(G, -1, batch, N, L).sum(1).permute(1, 0, 2, 3)
+    return part.view(G, part.shape[0] // G, batch, N, L).sum(1).permute(1, 0, 2, 3)
 
 
 # --------------------------------------------------------------------------- time-parallel kernels

@@ -110,7 +110,8 @@ def _sum_states(S: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     if X.dim() == 2:
         return torch.einsum("...dn,dn->...d", S, X)
     G = X.shape[-2]
-    return torch.bmm(S.reshape(-1, d // G, N), X.reshape(-1, N, 1)).view(S.shape[:-1])
+    rows = S.shape[:-2].numel() * G  # explicit: -1 is ambiguous for empty tensors
+    return torch.bmm(S.reshape(rows, d // G, N), X.reshape(rows, N, 1)).view(S.shape[:-1])
 
 
 def _sum_channels(S: torch.Tensor, x: torch.Tensor, groups: Optional[int]) -> torch.Tensor:
@@ -120,7 +121,8 @@ def _sum_channels(S: torch.Tensor, x: torch.Tensor, groups: Optional[int]) -> to
     if groups is None:
         return torch.einsum("tbdn,tbd->dn", S, x)
     G = groups
-    return torch.bmm(S.reshape(-1, d // G, N).transpose(1, 2), x.reshape(-1, d // G, 1)).view(T, b, G, N)
+    rows = T * b * G
+    return torch.bmm(S.reshape(rows, d // G, N).transpose(1, 2), x.reshape(rows, d // G, 1)).view(T, b, G, N)
 
 
 def _run_chunk(h0, dt, u_t, B_t, A, decay, states):

@@ -46,8 +46,8 @@ def test_innermost_loops_are_found_by_their_backward_branches():
 
 # Every registered kernel at the host's configurations (tests/test_filter_sm90.py compiles the filter
 # kernels at every tile choice too, and in low precision).
-CHECKED = ["scan_fwd", "scan_bwd", "selective_state_update", "gated_fusion", "toeplitz_filter", "toeplitz_corr",
-           "dft_filter"]
+CHECKED = ["scan_fwd", "scan_bwd", "scan_bc_forms", "selective_state_update", "gated_fusion", "toeplitz_filter",
+           "toeplitz_corr", "dft_filter"]
 
 
 def test_registered_kernels_compile_for_sm90_without_spills(tmp_path):

@@ -33,9 +33,14 @@ Backward (reverse time, per tile, last tile first; per state n):
      whose reductions are all deterministic.
 
 Addressing: u, Δ, z, out, dout and the gradients take (batch, channel) strides with unit stride in
-time; B and C take (batch, state) strides. Grouped B/C (batch, G, N, L) add a group stride times
-``channel // (dim / G)``, and time-invariant B/C (dim, N) a channel stride with time stride 0 —
-both fit these loads without changing the kernels' structure (issue 9).
+time; B and C take (batch, state) strides, in one of three forms (``bc_forms.py``; constexpr
+``B_FORM`` / ``C_FORM``, ``_bc_rows`` / ``_bc_tile``): PER_SEQ (batch, N, L), one row for the whole
+channel block; GROUPED (batch, G, N, L), each channel's row offset by a group stride times
+``channel // (dim / G)``; INVARIANT (dim, N), each channel's own value for state n, the same at every
+step (one (BLOCK_D,) load per state, broadcast along time). Their gradients: per-sequence and grouped
+dB/dC are added atomically into (batch, G, N, L) (G = 1 per sequence), each channel into its group's
+row; time-invariant dB/dC are sums over time and the batch, stored per program and tile in
+(batch, n_tiles, dim, N) partial buffers like dA and summed on the host (deterministic).
 
 ``ALIGN`` (host-chosen: the largest power of two <= 16 bytes / element size dividing L and every
 stride) tells the compiler that rows start on 16-byte boundaries and that the time mask is constant
@@ -110,8 +115,10 @@ def _tile_delta(delta_rows, offs_t, mask, bias, length, anchor,
 
 @triton.jit
 def _atomic_add_rows(ptr, t0, values, mask_d, L,
-                     BLOCK_D: tl.constexpr, TILE: tl.constexpr, THREAD_STEPS: tl.constexpr):
-    """ptr[t0 + t] += values[d, t] for every channel d of the block (fp32 atomics; masked at L).
+                     BLOCK_D: tl.constexpr, TILE: tl.constexpr, THREAD_STEPS: tl.constexpr,
+                     PER_ROW: tl.constexpr = False):
+    """ptr[t0 + t] += values[d, t] for every channel d of the block (fp32 atomics; masked at L);
+    with PER_ROW, ``ptr`` is one pointer per channel (BLOCK_D,) (grouped dB / dC).
 
     An atomic add is written in 16-byte vectors, one per thread and row, so the compiler lays its
     operands out as 4 steps per thread; the scan's tiles hold THREAD_STEPS consecutive steps per
@@ -123,7 +130,22 @@ def _atomic_add_rows(ptr, t0, values, mask_d, L,
     thread = tl.arange(0, TILE // THREAD_STEPS)[None, None, :, None]
     k = tl.arange(0, 4)[None, None, None, :]
     offs = t0 + thread * THREAD_STEPS + j * 4 + k + 0 * mask_d.to(tl.int32)[:, None, None, None]
-    tl.atomic_add(ptr + offs, v, mask=mask_d[:, None, None, None] & (offs < L), sem="relaxed")
+    if PER_ROW:
+        tl.atomic_add(ptr[:, None, None, None] + offs, v, mask=mask_d[:, None, None, None] & (offs < L), sem="relaxed")
+    else:
+        tl.atomic_add(ptr + offs, v, mask=mask_d[:, None, None, None] & (offs < L), sem="relaxed")
+
+
+@triton.jit
+def _add_bc_grad(row, part_ptr, n, c, values, part_rows, mask_d, dim, N, L,
+                 BLOCK_D: tl.constexpr, TILE: tl.constexpr, THREAD_STEPS: tl.constexpr, FORM: tl.constexpr):
+    """State n's share of dB or dC from this tile's (BLOCK_D, TILE) terms: added atomically into the
+    (batch, G, N, L) rows (``row``: state 0's, one or one per channel), or, time-invariant, summed over
+    the tile into the (batch, n_tiles, dim, N) partial buffer ``part_ptr``."""
+    if FORM == INVARIANT:
+        tl.store(part_ptr + (part_rows + c * dim) * N + n, tl.sum(values, axis=1), mask=mask_d)
+    else:
+        _atomic_add_rows(row + n * L, c * TILE, values, mask_d, L, BLOCK_D, TILE, THREAD_STEPS, FORM == GROUPED)
 
 
 @triton.jit
@@ -194,20 +216,68 @@ def _channels(A_ptr, bias_ptr, D_ptr, lengths_ptr, pid_b, pid_d, dim, L,
     return offs_d, mask_d, bias, Dv, length
 
 
+# The forms of B and C (bc_forms.py): per sequence (batch, N, L), grouped (batch, G, N, L), time-invariant (dim, N).
+PER_SEQ = tl.constexpr(0)
+GROUPED = tl.constexpr(1)
+INVARIANT = tl.constexpr(2)
+
+
+@triton.jit
+def _bc_rows(ptr, pid_b, offs_d, s_b, s_g, group_size, FORM: tl.constexpr):
+    """Where B or C starts for this program: one pointer for the whole channel block (PER_SEQ), or one
+    per channel — its group's row (GROUPED, ``group_size`` = dim / G channels per group) or its own
+    row of the (dim, N) matrix (INVARIANT, ``s_g`` the channel stride)."""
+    if FORM == GROUPED:
+        return ptr + pid_b * s_b + (offs_d // group_size) * s_g
+    elif FORM == INVARIANT:
+        return ptr + offs_d * s_g
+    else:
+        return ptr + pid_b * s_b
+
+
+@triton.jit
+def _bc_tile(rows, n, s_n, offs_t, offs_tt, mask_tt, mask_d, FORM: tl.constexpr):
+    """State n of B or C for the tile, fp32: (BLOCK_D, TILE), or (BLOCK_D, 1) for INVARIANT (the same
+    value at every step, broadcast by the products that use it)."""
+    if FORM == GROUPED:
+        v = tl.load(rows[:, None] + n * s_n + offs_t[None, :], mask=mask_tt & mask_d[:, None], other=0.0)
+    elif FORM == INVARIANT:
+        v = tl.load(rows + n * s_n, mask=mask_d, other=0.0)[:, None]
+    else:  # the same row for every channel, loaded as a (BLOCK_D, TILE) tile: one layout for all
+        v = tl.load(rows + n * s_n + offs_tt, mask=mask_tt, other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _bc_last(rows, s_n, offs_n, mask_n, mask_d, t_last, FORM: tl.constexpr):
+    """All N states of B or C at step t_last (each channel's own), fp32: (1 or BLOCK_D, BLOCK_N)."""
+    if FORM == GROUPED:
+        v = tl.load(rows[:, None] + offs_n[None, :] * s_n + t_last, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+    elif FORM == INVARIANT:
+        v = tl.load(rows[:, None] + offs_n[None, :] * s_n, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+    else:
+        v = tl.load(rows + offs_n * s_n + t_last, mask=mask_n, other=0.0)[None, :]
+    return v.to(tl.float32)
+
+
 @triton.jit
 def selective_scan_parallel_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, lengths_ptr, anchor_ptr,
     out_ptr, states_ptr, out_last_ptr,
     dim, L, N, n_tiles,
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_o_b, s_o_d, s_B_b, s_B_n, s_C_b, s_C_n,
+    s_B_g, s_C_g, B_group_size, C_group_size,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, STORE_OUT: tl.constexpr, STORE_STATES: tl.constexpr,
     STORE_LAST_OUT: tl.constexpr, MULTI_TILE: tl.constexpr,
     ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    B_FORM: tl.constexpr = 0, C_FORM: tl.constexpr = 0,
 ):
     """Grid (batch, cdiv(dim, BLOCK_D)). A: (dim, N) fp32 contiguous; states: (batch, n_tiles, dim,
     N) fp32, written when STORE_STATES (needed for several tiles, the backward, the last state);
-    out_last: (batch, dim), the output at step length - 1 (STORE_LAST_OUT, which needs the states)."""
+    out_last: (batch, dim), the output at step length - 1 (STORE_LAST_OUT, which needs the states).
+    B, C in the form B_FORM / C_FORM (module docstring): s_*_b, s_*_n the batch and state strides,
+    s_*_g the group (GROUPED) or channel (INVARIANT) stride, *_group_size = dim / G (GROUPED)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     L = _aligned(L, ALIGN)
@@ -217,10 +287,14 @@ def selective_scan_parallel_fwd_kernel(
     dl_rows = delta_ptr + pid_b * s_dl_b + offs_d * _aligned(s_dl_d, ALIGN)
     z_rows = z_ptr + pid_b * s_z_b + offs_d * _aligned(s_z_d, ALIGN)
     o_rows = out_ptr + pid_b * s_o_b + offs_d * _aligned(s_o_d, ALIGN)
-    B_row = B_ptr + pid_b * s_B_b
-    C_row = C_ptr + pid_b * s_C_b
-    s_B_n = _aligned(s_B_n, ALIGN)
-    s_C_n = _aligned(s_C_n, ALIGN)
+    if B_FORM != INVARIANT:  # rows along time: 16-byte aligned (a state stride has no time axis)
+        s_B_n = _aligned(s_B_n, ALIGN)
+        s_B_g = _aligned(s_B_g, ALIGN)
+    if C_FORM != INVARIANT:
+        s_C_n = _aligned(s_C_n, ALIGN)
+        s_C_g = _aligned(s_C_g, ALIGN)
+    B_row = _bc_rows(B_ptr, pid_b, offs_d, s_B_b, s_B_g, B_group_size, B_FORM)
+    C_row = _bc_rows(C_ptr, pid_b, offs_d, s_C_b, s_C_g, C_group_size, C_FORM)
     state_rows = states_ptr + (pid_b * n_tiles * dim + offs_d) * N  # + tile·dim·N + n
     A_rows = A_ptr + offs_d * N
     is_first_col = tl.arange(0, TILE) == 0
@@ -242,7 +316,7 @@ def selective_scan_parallel_fwd_kernel(
             tl.debug_barrier()  # the previous tile's end states (the carry) are written
         for n in range(0, N):
             A_n = tl.load(A_rows + n, mask=mask_d, other=0.0) * LOG2E  # exp(Δ·A) = exp2(Δ·A·log2 e)
-            B_n = tl.load(B_row + n * s_B_n + offs_tt, mask=mask_tt, other=0.0).to(tl.float32)
+            B_n = _bc_tile(B_row, n, s_B_n, offs_t, offs_tt, mask_tt, mask_d, B_FORM)
             decay = tl.exp2(dt * A_n[:, None])
             inp = dt_u * B_n
             if MULTI_TILE:  # the state entering the tile, folded into its first step
@@ -253,7 +327,7 @@ def selective_scan_parallel_fwd_kernel(
                 tl.store(state_rows[:, None] + c * dim * N + n + 0 * offs_t[None, :], h,
                          mask=mask_d[:, None] & is_last_col[None, :])
             if STORE_OUT:
-                C_n = tl.load(C_row + n * s_C_n + offs_tt, mask=mask_tt, other=0.0).to(tl.float32)
+                C_n = _bc_tile(C_row, n, s_C_n, offs_t, offs_tt, mask_tt, mask_d, C_FORM)
                 y += h * C_n
         if STORE_OUT:
             if HAS_D:
@@ -271,8 +345,8 @@ def selective_scan_parallel_fwd_kernel(
         h = tl.load(state_rows[:, None] + (n_tiles - 1) * dim * N + offs_n[None, :],
                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         t_last = length - 1
-        C_last = tl.load(C_row + offs_n * s_C_n + t_last, mask=mask_n, other=0.0).to(tl.float32)
-        y = tl.sum(h * C_last[None, :], axis=1)
+        C_last = _bc_last(C_row, s_C_n, offs_n, mask_n, mask_d, t_last, C_FORM)
+        y = tl.sum(h * C_last, axis=1)
         u_last = tl.load(u_rows + t_last, mask=mask_d, other=0.0).to(tl.float32)
         if HAS_D:
             y += Dv * u_last
@@ -289,17 +363,19 @@ def selective_scan_parallel_bwd_kernel(
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
     batch, dim, L, N, n_tiles,
     s_u_b, s_u_d, s_dl_b, s_dl_d, s_z_b, s_z_d, s_do_b, s_do_d, s_B_b, s_B_n, s_C_b, s_C_n,
+    s_B_g, s_C_g, B_group_size, C_group_size,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_DSTATE: tl.constexpr, MULTI_TILE: tl.constexpr,
     ALIGN: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, THREAD_STEPS: tl.constexpr,
-    FLIP_BY_GATHER: tl.constexpr,
+    FLIP_BY_GATHER: tl.constexpr, B_FORM: tl.constexpr = 0, C_FORM: tl.constexpr = 0,
 ):
     """Grid (batch, cdiv(dim, BLOCK_D)). states: the forward's (batch, n_tiles, dim, N) fp32 (read
     when MULTI_TILE). dstate: (2, batch, dim, N) fp32, dh carried between tiles (HAS_DSTATE): tile c
     reads slot (c + 1) % 2 and writes slot c % 2; the host puts d(last_state) (or zeros) in slot
-    n_tiles % 2. du, ddelta, dz: contiguous (batch, dim, L) in the input dtypes; dB, dC: (batch, N, L)
-    fp32, zeroed, added to atomically; dA_part (batch, n_tiles, dim, N), dD_part and dbias_part
-    (batch, n_tiles, dim) fp32 partial sums."""
+    n_tiles % 2. du, ddelta, dz: contiguous (batch, dim, L) in the input dtypes; dB, dC: (batch, G, N,
+    L) fp32 (G = 1 per sequence), zeroed, added to atomically — or, for a time-invariant B / C,
+    (batch, n_tiles, dim, N) fp32 partial sums; dA_part (batch, n_tiles, dim, N), dD_part and
+    dbias_part (batch, n_tiles, dim) fp32 partial sums. B, C and their strides as in the forward."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     L = _aligned(L, ALIGN)
@@ -310,11 +386,21 @@ def selective_scan_parallel_bwd_kernel(
     z_rows = z_ptr + pid_b * s_z_b + offs_d * _aligned(s_z_d, ALIGN)
     do_rows = dout_ptr + pid_b * s_do_b + offs_d * _aligned(s_do_d, ALIGN)
     g_rows = (pid_b * dim + offs_d) * L  # du, ddelta, dz: contiguous (batch, dim, L)
-    B_row = B_ptr + pid_b * s_B_b
-    C_row = C_ptr + pid_b * s_C_b
-    s_B_n = _aligned(s_B_n, ALIGN)
-    s_C_n = _aligned(s_C_n, ALIGN)
-    dBC_row = pid_b * N * L  # dB, dC: contiguous (batch, N, L)
+    if B_FORM != INVARIANT:
+        s_B_n = _aligned(s_B_n, ALIGN)
+        s_B_g = _aligned(s_B_g, ALIGN)
+    if C_FORM != INVARIANT:
+        s_C_n = _aligned(s_C_n, ALIGN)
+        s_C_g = _aligned(s_C_g, ALIGN)
+    B_row = _bc_rows(B_ptr, pid_b, offs_d, s_B_b, s_B_g, B_group_size, B_FORM)
+    C_row = _bc_rows(C_ptr, pid_b, offs_d, s_C_b, s_C_g, C_group_size, C_FORM)
+    # dB, dC contiguous (batch, G, N, L): state 0's row, or each channel's group's (GROUPED)
+    dB_row = dB_ptr + pid_b * N * L
+    dC_row = dC_ptr + pid_b * N * L
+    if B_FORM == GROUPED:
+        dB_row = _bc_rows(dB_ptr, pid_b, offs_d, (dim // B_group_size) * N * L, N * L, B_group_size, GROUPED)
+    if C_FORM == GROUPED:
+        dC_row = _bc_rows(dC_ptr, pid_b, offs_d, (dim // C_group_size) * N * L, N * L, C_group_size, GROUPED)
     state_rows = states_ptr + (pid_b * n_tiles * dim + offs_d) * N
     dstate_rows = dstate_ptr + (pid_b * dim + offs_d) * N  # + slot·batch·dim·N + n
     part_rows = (pid_b * n_tiles * dim + offs_d)  # + tile·dim, then ·N + n for dA
@@ -357,8 +443,8 @@ def selective_scan_parallel_bwd_kernel(
         for n in range(0, N):
             A_n = tl.load(A_rows + n, mask=mask_d, other=0.0)
             A2_n = A_n * LOG2E  # exp(Δ·A) = exp2(Δ·A·log2 e)
-            B_n = tl.load(B_row + n * s_B_n + offs_tt, mask=mask_tt, other=0.0).to(tl.float32)
-            C_n = tl.load(C_row + n * s_C_n + offs_tt, mask=mask_tt, other=0.0).to(tl.float32)
+            B_n = _bc_tile(B_row, n, s_B_n, offs_t, offs_tt, mask_tt, mask_d, B_FORM)
+            C_n = _bc_tile(C_row, n, s_C_n, offs_t, offs_tt, mask_tt, mask_d, C_FORM)
             # 1) the tile's states, recomputed from its checkpoint
             inp = dt_u * B_n
             decay = tl.exp2(dt * A2_n[:, None])
@@ -370,7 +456,8 @@ def selective_scan_parallel_bwd_kernel(
             # what needs h is done before the reverse scan, so that fewer tiles are live through it
             if HAS_Z:
                 y += h * C_n
-            _atomic_add_rows(dC_ptr + dBC_row + n * L, c * TILE, g * h, mask_d, L, BLOCK_D, TILE, THREAD_STEPS)
+            _add_bc_grad(dC_row, dC_ptr, n, c, g * h, part_rows, mask_d, dim, N, L, BLOCK_D, TILE, THREAD_STEPS,
+                         C_FORM)
             Eh = h - inp  # decay_t·h_{t-1}, as mamba: a subtraction, never a division by the decay
             # 2) dh_t = g_t·C_t + decay_{t+1}·dh_{t+1}, reverse scan; dh from the later tile folded in
             gC = g * C_n
@@ -390,10 +477,11 @@ def selective_scan_parallel_bwd_kernel(
             # 3) DESIGN §9
             dh_Eh = dh * Eh
             # B loaded again (an L1 hit) rather than kept live through the reverse scan
-            dh_B += dh * tl.load(B_row + n * s_B_n + offs_tt, mask=mask_tt, other=0.0).to(tl.float32)
+            dh_B += dh * _bc_tile(B_row, n, s_B_n, offs_t, offs_tt, mask_tt, mask_d, B_FORM)
             dh_Eh_A += dh_Eh * A_n[:, None]
             tl.store(dA_part_ptr + (part_rows + c * dim) * N + n, tl.sum(dh_Eh * dt, axis=1), mask=mask_d)
-            _atomic_add_rows(dB_ptr + dBC_row + n * L, c * TILE, dh * dt_u, mask_d, L, BLOCK_D, TILE, THREAD_STEPS)
+            _add_bc_grad(dB_row, dB_ptr, n, c, dh * dt_u, part_rows, mask_d, dim, N, L, BLOCK_D, TILE, THREAD_STEPS,
+                         B_FORM)
         u = tl.load(u_rows[:, None] + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
         du = dt * dh_B
         ddt = u * dh_B + dh_Eh_A

@@ -60,11 +60,13 @@ def cpu_scan_not_run_reason(device: torch.device) -> Optional[str]:
 
 
 def cpu_scan_note() -> str:
-    """Which compiled scan variant a "cpu" row ran (for the results' ``impl``)."""
+    """Which compiled scan variant a "cpu" row ran (for the results' ``impl``); the Mamba mixer's conv1d
+    runs from the same library."""
     from m2rec_kernels.scan.cpu import cpu_scan_status
 
     st = cpu_scan_status()
-    return f"compiled C++ scan, {st.isa} variant" if st.available else f"PyTorch reference scan ({st.reason})"
+    return (f"compiled C++ scan and conv1d, {st.isa} variant" if st.available
+            else f"PyTorch reference scan ({st.reason})")
 
 
 def mamba_cuda_scan() -> Tuple[Optional[Callable], str]:

@@ -73,7 +73,9 @@ class Grid:
     inference: Tuple[Tuple[int, int], ...]   # (L, batch) pairs for model inference
     training: Tuple[Tuple[int, int], ...]    # (L, batch) pairs for a training step
     streaming: Tuple[Tuple[int, int], ...]   # (L, batch): one streaming step after an (L - 1)-item history
+    processes: Tuple[Tuple[int, int], ...]   # (L, global batch): a training step on 1 and on 2 processes
     scan: Tuple[int, int, int, int]          # selective scan (batch, L, d_inner, d_state)
+    scan_long_L: int                         # the scan op rows again at this L (the issue's long-sequence goal)
     seq_op: Tuple[int, int, int]             # fft_filter / causal_filter / gated_fusion (batch, L, d)
     target_s: float                          # timed seconds aimed at per benchmark (adaptive rounds)
     min_rounds: int
@@ -94,7 +96,9 @@ GPU = Grid(
     # batch 64 up to L 2000 (the issue's goals: Triton vs unfused at L 200 and 2000), 256 at short L
     training=_product((50, 200, 1000, 2000), (64,)) + _product((50, 200), (256,)),
     streaming=((200, 64), (200, 256)),
+    processes=(),  # process scaling is a CPU measurement (DDP over gloo); a GPU lease has one GPU
     scan=(64, 200, EXPAND * D_MODEL, D_STATE),
+    scan_long_L=2000,
     seq_op=(64, 200, D_MODEL),
     # a lent GPU has minutes, not hours: ~0.3 s of timed calls per row (at least 5) keeps the
     # inference rows + ops + training within a few minutes, Triton compilation included;
@@ -114,7 +118,9 @@ CPU = Grid(
     inference=_product((50, 200, 1000, 2000), (64,)) + _product((50, 200, 1000, 2000), (1,)),
     training=_product((50, 200), (32,)),
     streaming=((200, 64),),  # next to the inference row at L 200, batch 64 (issue 12: step <= 1/20 of it)
+    processes=((200, 64),),  # M2Rec (torch) at the paper's ML length, global batch 64 (issue 10)
     scan=(64, 200, EXPAND * D_MODEL, D_STATE),
+    scan_long_L=2000,
     seq_op=(64, 200, D_MODEL),
     target_s=1.0,
     min_rounds=3,
@@ -128,7 +134,9 @@ SMOKE = Grid(
     inference=((8, 2),),
     training=((8, 2),),
     streaming=((8, 2),),
+    processes=((8, 4),),
     scan=(2, 8, 16, 4),
+    scan_long_L=12,
     seq_op=(2, 8, 16),
     target_s=0.0,
     min_rounds=1,

@@ -99,6 +99,7 @@ def _scan_io(dt=torch.float32) -> Dict[str, object]:
     io.update({n: f32 for n in ("A_ptr", "last_ptr", "ckpt_ptr", "dlast_ptr", "scratch_ptr", "dA_part_ptr",
                                 "dB_part_ptr", "dC_part_ptr", "dD_part_ptr", "dbias_part_ptr")})
     io["lengths_ptr"] = tensor(torch.int64)
+    io["anchor_ptr"] = tensor(torch.int8)  # the time-parallel kernels' layout anchor
     return io
 
 
@@ -110,7 +111,13 @@ def _parallel_io(batch: int, dim: int, L: int, N: int) -> Dict[str, object]:
     """Strides as the model passes its tensors: u, Δ, B, C, out contiguous; z the second half of
     the (batch, 2·dim, L) in_proj output."""
     return dict(s_u_b=dim * L, s_u_d=L, s_dl_b=dim * L, s_dl_d=L, s_z_b=2 * dim * L, s_z_d=L,
-                s_o_b=dim * L, s_o_d=L, s_do_b=dim * L, s_do_d=L, s_B_b=N * L, s_B_n=L, s_C_b=N * L, s_C_n=L)
+                s_o_b=dim * L, s_o_d=L, s_do_b=dim * L, s_do_d=L, s_B_b=N * L, s_B_n=L, s_C_b=N * L, s_C_n=L,
+                **_PER_SEQUENCE_BC)
+
+
+#: B and C per sequence, (batch, N, L) (the model's form): the unused group arguments as the host passes them
+_PER_SEQUENCE_BC = dict(s_B_g=0, s_C_g=0, B_group_size=1, C_group_size=1, B_FORM=0, C_FORM=0)
+_SEQUENTIAL_BC = dict(s_B_b=0, s_C_b=0, **_PER_SEQUENCE_BC)
 
 
 def _scan_label(batch, L, dim, N, kind, mode=""):
@@ -119,22 +126,21 @@ def _scan_label(batch, L, dim, N, kind, mode=""):
 
 @register("scan_fwd")
 def _scan_fwd() -> List[KernelCase]:
-    """The forward the host runs at each shape (use_time_parallel), in its three uses: inference
-    (per-step output), training (also the tile states when there are several tiles) and the
-    output-free last-step mode of selective_scan_final; plus the sequential forward at L 32."""
+    """The forward the host runs at each shape (use_time_parallel), in its uses: inference and
+    training (per-step output, and the tile states when there are several tiles) and the output-free
+    last-step mode of selective_scan_final; plus the sequential forward at L 32."""
     from m2rec_kernels.scan import function as F
     from m2rec_kernels.scan.kernels import selective_scan_fwd_kernel as SK
     from m2rec_kernels.scan.parallel_kernels import selective_scan_parallel_fwd_kernel as PK
     cases = []
     for batch, L, dim, N in SCAN_SHAPES + ((GPU.scan[0], 32, GPU.scan[2], GPU.scan[3]),):
         if F.use_time_parallel(batch, dim, L):
-            tile, block_d, warps = F.parallel_fwd_config_gpu(L)
+            tile, block_d, warps = F.parallel_config_gpu(L)
             n_tiles = _cdiv(L, tile)
             align = F._alignment(L, torch.float32, dim * L, L, 2 * dim * L, N * L)
-            for mode, out, states, last in (("inference", True, False, False), ("training", True, n_tiles > 1, False),
-                                            ("final", False, True, True)):
-                if mode == "training" and not states:
-                    continue  # the same compiled kernel as inference
+            # several tiles carry the state through the states buffer in every mode (_parallel_forward),
+            # so training (states for the backward) runs the inference kernel
+            for mode, out, states, last in (("inference", True, n_tiles > 1, False), ("final", False, True, True)):
                 cfg = dict(TILE=tile, BLOCK_D=block_d, ALIGN=align)
                 args = dict(_scan_io(), **_parallel_io(batch, dim, L, N), out_last_ptr=tensor(), states_ptr=tensor(),
                             dim=dim, L=L, N=N, n_tiles=n_tiles, **_SCAN_FLAGS, STORE_OUT=out, STORE_STATES=states,
@@ -147,7 +153,7 @@ def _scan_fwd() -> List[KernelCase]:
             block_n, chunk = F._block_n(N), F._chunk(L)
             cfg = dict(CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
             args = dict(_scan_io(), dim=dim, L=L, N=N, n_chunks=_cdiv(L, chunk), **_SCAN_FLAGS,
-                        STORE_LAST=False, STORE_CKPT=True, **cfg)
+                        STORE_LAST=False, STORE_CKPT=True, **_SEQUENTIAL_BC, **cfg)
             cases.append(KernelCase("scan_fwd", _scan_label(batch, L, dim, N, "sequential", "training"), SK,
                                     _only(SK, args), (batch, _cdiv(dim, block_d)), num_warps=warps,
                                     loop_elements=min(block_d, dim) * N, inner_loops=1, config=cfg))
@@ -163,10 +169,11 @@ def _scan_bwd() -> List[KernelCase]:
     from m2rec_kernels.scan.parallel_kernels import selective_scan_parallel_bwd_kernel as PK
     cases = []
     for batch, L, dim, N in SCAN_SHAPES:
-        tile, block_d, warps = F.parallel_bwd_config_gpu(L)
+        tile, block_d, warps = F.parallel_config_gpu(L)
         n_tiles = _cdiv(L, tile)
         align = F._alignment(L, torch.float32, dim * L, L, 2 * dim * L, N * L)
-        cfg = dict(TILE=tile, BLOCK_D=block_d, ALIGN=align)
+        cfg = dict(TILE=tile, BLOCK_D=block_d, ALIGN=align, THREAD_STEPS=F.thread_steps(tile, warps),
+                   FLIP_BY_GATHER=F.FLIP_BY_GATHER)
         args = dict(_scan_io(), **_parallel_io(batch, dim, L, N), states_ptr=tensor(), dstate_ptr=tensor(),
                     dB_ptr=tensor(), dC_ptr=tensor(), batch=batch, dim=dim, L=L, N=N, n_tiles=n_tiles, **_SCAN_FLAGS,
                     HAS_DSTATE=n_tiles > 1, MULTI_TILE=n_tiles > 1, **cfg)
@@ -178,11 +185,62 @@ def _scan_bwd() -> List[KernelCase]:
         block_n, chunk = F._block_n(N), F._chunk(L)
         cfg = dict(CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
         args = dict(_scan_io(), batch=batch, dim=dim, L=L, N=N, n_chunks=_cdiv(L, chunk), **_SCAN_FLAGS,
-                    HAS_DLAST=False, **cfg)
+                    HAS_DLAST=False, **_SEQUENTIAL_BC, **cfg)
         # two innermost loops per chunk, each once per step: the recomputation and the reverse walk
         cases.append(KernelCase("scan_bwd", _scan_label(batch, L, dim, N, "sequential"), SK, _only(SK, args),
                                 (batch, _cdiv(dim, block_d)), num_warps=warps, maxnreg=F.SEQUENTIAL_BWD_MAXNREG,
                                 loop_elements=min(block_d, dim) * N, inner_loops=2, config=cfg))
+    return cases
+
+
+#: The other forms of B and C (m2rec_kernels/scan/bc_forms.py) in the time-parallel kernels, which run
+#: them at every L (function.use_time_parallel), each form once as B and once as C: grouped with G = 4
+#: and time-invariant (dim, N). The sequential kernels take them only under deterministic algorithms
+#: (compiled at L 32 their backward spills 8 bytes there; not listed).
+_BC_FORM_PAIRS = (("grouped G4", "time-invariant"), ("time-invariant", "grouped G4"))
+
+
+def _bc_form_args(form: str, which: str, dim: int, L: int, N: int) -> Dict[str, object]:
+    """The B or C arguments the host passes for ``form``, contiguous (function._parallel_bc)."""
+    if form == "time-invariant":  # (dim, N)
+        return {f"s_{which}_b": 0, f"s_{which}_g": N, f"s_{which}_n": 1, f"{which}_group_size": 1,
+                f"{which}_FORM": 2}
+    G = int(form.split("G")[-1])  # (batch, G, N, L)
+    return {f"s_{which}_b": G * N * L, f"s_{which}_g": N * L, f"s_{which}_n": L, f"{which}_group_size": dim // G,
+            f"{which}_FORM": 1}
+
+
+@register("scan_bc_forms")
+def _scan_bc_forms() -> List[KernelCase]:
+    """The time-parallel forward (training: per-step output and tile states) and backward with grouped
+    and time-invariant B / C (``_BC_FORM_PAIRS``) at batch 64, L 2000, configured as for the
+    per-sequence form."""
+    from m2rec_kernels.scan import function as F
+    from m2rec_kernels.scan.parallel_kernels import selective_scan_parallel_bwd_kernel as PBK
+    from m2rec_kernels.scan.parallel_kernels import selective_scan_parallel_fwd_kernel as PFK
+    cases = []
+    batch, dim, N = GPU.scan[0], GPU.scan[2], GPU.scan[3]
+    L = 2000
+    for B_form, C_form in _BC_FORM_PAIRS:
+        forms = f"B {B_form}, C {C_form}"
+        tile, block_d, warps = F.parallel_config_gpu(L)
+        n_tiles = _cdiv(L, tile)
+        align = F._alignment(L, torch.float32, dim * L, L, 2 * dim * L, N * L)
+        bc = dict(_bc_form_args(B_form, "B", dim, L, N), **_bc_form_args(C_form, "C", dim, L, N))
+        cfg = dict(TILE=tile, BLOCK_D=block_d, ALIGN=align)
+        args = dict(_scan_io(), **dict(_parallel_io(batch, dim, L, N), **bc), out_last_ptr=tensor(),
+                    states_ptr=tensor(), dim=dim, L=L, N=N, n_tiles=n_tiles, **_SCAN_FLAGS, STORE_OUT=True,
+                    STORE_STATES=True, STORE_LAST_OUT=False, MULTI_TILE=True, BLOCK_N=F._block_n(N), **cfg)
+        cases.append(KernelCase("scan_fwd", _scan_label(batch, L, dim, N, "parallel", forms), PFK, _only(PFK, args),
+                                (batch, _cdiv(dim, block_d)), num_warps=warps, loop_elements=block_d * tile,
+                                inner_loops=1, config=cfg))
+        cfg = dict(cfg, THREAD_STEPS=F.thread_steps(tile, warps), FLIP_BY_GATHER=F.FLIP_BY_GATHER)
+        args = dict(_scan_io(), **dict(_parallel_io(batch, dim, L, N), **bc), states_ptr=tensor(),
+                    dstate_ptr=tensor(), dB_ptr=tensor(), dC_ptr=tensor(), batch=batch, dim=dim, L=L, N=N,
+                    n_tiles=n_tiles, **_SCAN_FLAGS, HAS_DSTATE=True, MULTI_TILE=True, **cfg)
+        cases.append(KernelCase("scan_bwd", _scan_label(batch, L, dim, N, "parallel", forms), PBK, _only(PBK, args),
+                                (batch, _cdiv(dim, block_d)), num_warps=warps, loop_elements=block_d * tile,
+                                inner_loops=1, config=cfg))
     return cases
 
 

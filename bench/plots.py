@@ -9,7 +9,8 @@ it, per machine tag:
   M2Rec Triton where it ran (else each M2Rec backend) against M2Rec unfused (the paper's build on
   mamba_ssm), Mamba4Rec (mamba_ssm's CUDA scan where installed) and SASRec;
 * ``bench-<tag>-ops.png``      — op-level speed relative to the torch reference, forward and fwd+bwd;
-* ``bench-<tag>-training.png`` — training-step throughput (sequences per second);
+* ``bench-<tag>-training.png`` — training-step throughput (sequences per second), and beside it, where
+  the scaling rows ran (CPU), M2Rec's throughput on 1 and 2 processes (DDP) with the speed-up;
 * ``bench-<tag>-streaming.png`` — one streaming ``step`` beside a full ``scores()`` at the same L and batch.
 
 Every number comes from the results file; rows that were not run are named in the legend or on the bar
@@ -38,7 +39,7 @@ MODEL_COLORS = {"m2rec": "#1f77b4", "mamba4rec": "#ff7f0e", "sasrec": "#2ca02c",
 BACKEND_COLORS = {"triton": "#1f77b4", "triton-dft": "#9467bd", "cpu": "#17becf", "torch": "#7f7f7f",
                   "torch.fft": "#2ca02c", "mamba_ssm": "#d62728",
                   "mamba_ssm_ref": "#ff7f0e"}
-OPS = ("selective_scan", "selective_scan_final", "fft_filter", "causal_filter", "gated_fusion")
+OPS = ("selective_scan", "selective_scan_final", "fft_filter", "causal_filter", "gated_fusion", "causal_conv1d")
 #: M2Rec's line style per kernel backend (the models' colours are fixed)
 M2REC_LINESTYLES = {"triton": "-", "cpu": "-."}
 PASS_TITLES = {"op_forward": "forward", "op_forward_backward": "forward + backward"}
@@ -250,8 +251,9 @@ def plot_ops(data: Dict, source: Path, out: Path) -> Path:
     notes: Dict[str, str] = {}
     width = 0.8 / max(len(backends), 1)
     for ax, kind in zip(axes, PASS_TITLES):
-        cell = {(r["name"], r["backend"]): r for r in rows if r["kind"] == kind}
-        ops = [op for op in OPS if any(k[0] == op for k in cell)]
+        cell = {(_op_group(r, rows), r["backend"]): r for r in rows if r["kind"] == kind}
+        ops = [g for op in OPS for g in sorted({k[0] for k in cell if k[0].split(" L")[0] == op},
+                                                key=lambda g: (len(g), g))]
         speeds = [1.0]
         for i, op in enumerate(ops):
             present = [b for b in backends if (op, b) in cell]
@@ -298,18 +300,33 @@ def plot_ops(data: Dict, source: Path, out: Path) -> Path:
     return out
 
 
+def _op_group(row: Dict, rows: List[Dict]) -> str:
+    """The bar group of an op row: the op's name, with " L<n>" when the op was timed at several L."""
+    lengths = {r["L"] for r in rows if r["name"] == row["name"]}
+    return row["name"] if len(lengths) == 1 else f"{row['name']} L{row['L']}"
+
+
 def _op_shapes(rows: List[Dict]) -> str:
-    parts = {}
+    parts: Dict[str, Dict] = {}
     for r in rows:
-        parts.setdefault(r["name"], f"{r['name']} batch {r['batch']}, L {r['L']}")
-    return "; ".join(parts[op] for op in OPS if op in parts) + " (d_inner 128, N 32 for the scan; d 64 otherwise)."
+        entry = parts.setdefault(r["name"], dict(batch=r["batch"], L=set()))
+        entry["L"].add(r["L"])
+    return "; ".join(f"{op} batch {parts[op]['batch']}, L {' and '.join(str(L) for L in sorted(parts[op]['L']))}"
+                     for op in OPS if op in parts) + (" (d_inner 128, N 32 for the scan; d_inner 128, 4 taps for "
+                                                      "causal_conv1d; d 64 otherwise).")
 
 
 def plot_training(data: Dict, source: Path, out: Path) -> Path:
     rows = [r for r in data["rows"] if r["kind"] == "training"]
+    scaling = [r for r in data["rows"] if r["kind"] == "training_processes"]
     configs = sorted({(r["L"], r["batch"]) for r in rows}, key=lambda c: (c[1], c[0]))
     series = sorted({(r["name"], r["backend"]) for r in rows})
-    fig, axes = _panels(1, width=10.5, height=4.8)
+    if scaling:  # [throughput panel | its legend | the scaling panel]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [3, 1.25, 1.1]})
+        axes[1].axis("off")
+        _plot_process_scaling(axes[2], scaling)
+    else:
+        fig, axes = _panels(1, width=10.5, height=4.8)
     ax = axes[0]
     width = 0.8 / max(len(series), 1)
     cell = {(r["name"], r["backend"], r["L"], r["batch"]): r for r in rows}
@@ -334,14 +351,44 @@ def plot_training(data: Dict, source: Path, out: Path) -> Path:
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
     nr_h, nr_l = _not_run_handles(data["rows"], "training")
-    fig.legend(list(uniq.values()) + nr_h, list(uniq.keys()) + nr_l, fontsize=8, loc="center right", frameon=False)
+    (axes[1] if scaling else fig).legend(list(uniq.values()) + nr_h, list(uniq.keys()) + nr_l, fontsize=8,
+                                         loc="center left" if scaling else "center right", frameon=False)
     ax.set_title("Training step throughput (Adam, all-position cross-entropy over the catalogue)")
     ax.grid(True, axis="y", alpha=0.3)
-    _caption(fig, data, source, "Throughput = batch / median step time (forward, backward and optimiser step).")
-    fig.tight_layout(rect=(0, 0.1, 0.7, 1))
+    extra = "Throughput = batch / median step time (forward, backward and optimiser step)."
+    if scaling:
+        extra += (" Right: the global batch split among processes (DDP over gloo, each process with its own"
+                  " threads); speed-up over 1 process.")
+    _caption(fig, data, source, extra)
+    fig.tight_layout(rect=(0, 0.1, 1 if scaling else 0.7, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _plot_process_scaling(ax, rows: List[Dict]) -> None:
+    """M2Rec's training throughput on 1, 2, ... processes (one bar each), labelled with the speed-up."""
+    rows = sorted(rows, key=lambda r: r["backend"])
+    base = next((r for r in rows if r["status"] == "ok" and r["backend"].endswith(" 1 process")), None)
+    for i, r in enumerate(rows):
+        if r["status"] != "ok":
+            ax.bar(i, 0, 0.6)
+            ax.text(i, 0, "not run", rotation=90, ha="center", va="bottom", fontsize=7)
+            continue
+        rate = r["batch"] / (float(r["median_ms"]) / 1e3)
+        ax.bar(i, rate, 0.6, color=MODEL_COLORS.get(r["name"], "black"), alpha=1.0 if i == 0 else 0.65)
+        speedup = ""
+        if base is not None and r is not base:
+            speedup = f"\n{float(base['median_ms']) / float(r['median_ms']):.2f}x"
+        ax.text(i, rate, f"{rate:.3g}{speedup}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["backend"].split(", ", 1)[-1] for r in rows], fontsize=8)
+    first = rows[0]
+    ax.set_title(f"{MODEL_NAMES.get(first['name'], first['name'])} (torch) on processes\nL={first['L']}, "
+                 f"global batch={first['batch']}", fontsize=9)
+    ax.set_ylabel("training throughput (sequences / s)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.margins(y=0.2)
 
 
 def plot_streaming(data: Dict, source: Path, out: Path) -> Path:

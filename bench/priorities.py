@@ -19,7 +19,7 @@ HEADLINE_MODELS = (("m2rec", "triton"), ("m2rec_unfused", "mamba_ssm"), ("mamba4
 
 
 def step_of(function_name: str, params: dict) -> str:
-    if function_name in ("test_op", "test_selective_scan_final"):
+    if function_name in ("test_op", "test_scan_long", "test_selective_scan_final"):
         return "ops"
     model = (params.get("name"), params.get("backend"))
     if model in HEADLINE_MODELS and params.get("L") in HEADLINE_L and params.get("batch") in HEADLINE_BATCH:

@@ -2,7 +2,8 @@
 records and the memory probes; written as CSV and JSON (with the machine metadata) and read back by
 the plots.
 
-Row fields (CSV columns, in order) — ``kind`` is "inference", "training", "op_forward" or
+Row fields (CSV columns, in order) — ``kind`` is "inference", "training", "training_processes" (the
+training step on 1 and 2 processes; ``backend`` says how many), "streaming", "op_forward" or
 "op_forward_backward"; ``name`` the model or op; latencies in milliseconds per call (per batch);
 ``per_seq_ms`` = mean / batch; ``seq_per_s`` = batch / mean; ``peak_mem_mb`` the call's peak memory
 above its baseline (see ``bench/memory_probe.py``); ``status`` "ok", "not run" or "probe failed".

@@ -16,7 +16,9 @@ Backends compared per op:
 * ``causal_filter`` (K = L taps: the model's causal filter) — ``triton`` (direct kernel, L²/2 per row and
   channel, for L <= 256; torch.fft above), ``torch`` (FFT with a written-out backward) and ``torch.fft``
   (rfft of the kernel and the plain formula under autograd);
-* ``gated_fusion`` (3 branches) — ``triton`` and ``torch`` (there is no ecosystem op).
+* ``gated_fusion`` (3 branches) — ``triton`` and ``torch`` (there is no ecosystem op);
+* ``causal_conv1d`` (Mamba's depthwise conv, 4 taps, + SiLU, at the scan's shape, x time-major as
+  ``MambaMixer`` passes it on CPU) — ``cpu`` (the compiled kernel) and ``torch`` (``F.conv1d``).
 
 Forward runs under ``torch.no_grad``; forward+backward backpropagates a fixed random output gradient into
 every input that a training step would differentiate.
@@ -44,6 +46,7 @@ CASES = [
     ("fft_filter", "triton"), ("fft_filter", "triton-dft"), ("fft_filter", "torch"), ("fft_filter", "torch.fft"),
     ("causal_filter", "triton"), ("causal_filter", "torch"), ("causal_filter", "torch.fft"),
     ("gated_fusion", "triton"), ("gated_fusion", "torch"),
+    ("causal_conv1d", "cpu"), ("causal_conv1d", "torch"),
 ]
 
 
@@ -129,6 +132,19 @@ def _fusion_call(backend, training):
     return lambda a: gated_fusion(**a, training=training, backend=backend)
 
 
+def _conv_inputs(batch, L, d, device, requires_grad):
+    """x (batch, d, L) as the transpose of a (batch, L, d) tensor (MambaMixer's layout on CPU)."""
+    x = torch.randn(batch, L, d, device=device).transpose(1, 2).requires_grad_(requires_grad)
+    weight = (torch.randn(d, 4, device=device) * 0.5).requires_grad_(requires_grad)
+    return dict(x=x, weight=weight, bias=torch.randn(d, device=device).requires_grad_(requires_grad))
+
+
+def _conv_call(backend):
+    from m2rec_kernels import causal_conv1d
+
+    return lambda a: causal_conv1d(**a, activation="silu", backend=backend)
+
+
 def _leaves(args):
     out = []
     for v in args.values():
@@ -138,11 +154,12 @@ def _leaves(args):
     return out
 
 
-def _case(op, backend, pass_, grid, device):
-    """(callable timed by the benchmark, shape fields for the results)."""
+def _case(op, backend, pass_, grid, device, scan_L=None):
+    """(callable timed by the benchmark, shape fields for the results); ``scan_L`` overrides the scan's L."""
     backward = pass_ == "forward_backward"
     if op == "selective_scan":
         batch, L, d, N = grid.scan
+        L = scan_L or L
         args = _scan_inputs(batch, L, d, N, device, backward)
         call = _scan_call(backend)
         shape = dict(batch=batch, L=L, d=d, d_state=N)
@@ -156,6 +173,11 @@ def _case(op, backend, pass_, grid, device):
         args = _causal_inputs(batch, L, d, device, backward)
         call = _causal_call(backend)
         shape = dict(batch=batch, L=L, d=d, K=L)
+    elif op == "causal_conv1d":
+        batch, L, d, _ = grid.scan
+        args = _conv_inputs(batch, L, d, device, backward)
+        call = _conv_call(backend)
+        shape = dict(batch=batch, L=L, d=d, K=4)
     else:
         batch, L, d = grid.seq_op
         args = _fusion_inputs(batch, L, d, device, backward)
@@ -186,11 +208,19 @@ SLOW_REF_BACKWARD = ("mamba_ssm's selective_scan_ref backward is quadratic in L 
                      "on a 2-core CPU, beyond the CPU suite's time budget")
 
 
-def _unavailable(op, backend, pass_, device):
+# ... and its forward materialises exp(Δ·A) and Δ·u·B as (b, d, L, N) tensors: 2 GB each in fp32 at
+# batch 64, d 128, N 32, L 2000, more than a CPU machine of the suite's size should be asked for.
+HUGE_REF_FORWARD = ("mamba_ssm's selective_scan_ref materialises (b, d, L, N) fp32 tensors, 2 GB each at "
+                    "L 2000: beyond the CPU suite's memory budget")
+
+
+def _unavailable(op, backend, pass_, device, L=None):
     if budget_not_run_reason() is not None:
         return budget_not_run_reason()
     if backend == "mamba_ssm_ref" and pass_ == "forward_backward" and device.type == "cpu" and not smoke_mode():
         return SLOW_REF_BACKWARD
+    if backend == "mamba_ssm_ref" and device.type == "cpu" and (L or 0) >= 1000:
+        return HUGE_REF_FORWARD
     if backend in ("triton", "triton-dft"):
         return triton_not_run_reason(device)
     if backend == "cpu":
@@ -221,14 +251,33 @@ def _impl_note(op, backend):
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("op,backend", CASES, ids=[f"{o}-{b}" for o, b in CASES])
 def test_op(benchmark, grid, bench_dev, not_run, op, backend, pass_):
+    _time_op(benchmark, grid, bench_dev, not_run, op, backend, pass_)
+
+
+LONG_SCAN_BACKENDS = tuple(b for o, b in CASES if o == "selective_scan")
+
+
+@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("backend", LONG_SCAN_BACKENDS)
+def test_scan_long(benchmark, grid, bench_dev, not_run, backend, pass_):
+    """The scan rows again at the grid's long L (issue 11's goals are at L 200 and 2000)."""
+    _time_op(benchmark, grid, bench_dev, not_run, "selective_scan", backend, pass_, scan_L=grid.scan_long_L)
+
+
+def _time_op(benchmark, grid, bench_dev, not_run, op, backend, pass_, scan_L=None):
     kind = f"op_{pass_}"
-    reason = _unavailable(op, backend, pass_, bench_dev)
-    shape = dict(zip(("batch", "L"), grid.scan[:2] if op == "selective_scan" else grid.seq_op[:2]))
+    if op == "selective_scan":
+        shape = dict(batch=grid.scan[0], L=scan_L or grid.scan[1])
+    elif op == "causal_conv1d":
+        shape = dict(batch=grid.scan[0], L=grid.scan[1])
+    else:
+        shape = dict(zip(("batch", "L"), grid.seq_op[:2]))
+    reason = _unavailable(op, backend, pass_, bench_dev, shape["L"])
     fields = dict(kind=kind, name=op, backend=backend, device=bench_dev.type, **shape)
     if reason is not None:
         not_run(reason, **fields)
-    fn, shape = _case(op, backend, pass_, grid, bench_dev)
-    benchmark.group = f"{op} {pass_}"
+    fn, shape = _case(op, backend, pass_, grid, bench_dev, scan_L)
+    benchmark.group = f"{op} {pass_}" + (f" L={scan_L}" if scan_L else "")
     benchmark.extra_info.update(fields, impl=_impl_note(op, backend), shape=shape, dtype="float32")
     if bench_dev.type == "cuda":
         fn()  # warm-up: Triton compilation and autotuning stay out of the peak

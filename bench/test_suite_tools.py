@@ -77,6 +77,8 @@ def _example_rows():
         _raw(0.002, 64, kind="op_forward", name="fft_filter", backend="torch.fft", L=200, device="cpu"),
         _raw(0.1, 64, kind="training", name="sasrec", backend="sdpa", L=50, device="cpu"),
         _raw(0.01, 64, kind="streaming", name="m2rec", backend="torch", L=200, device="cpu"),
+        _raw(0.5, 64, kind="training_processes", name="m2rec", backend="torch, 1 process", L=200, device="cpu"),
+        _raw(0.3, 64, kind="training_processes", name="m2rec", backend="torch, 2 processes", L=200, device="cpu"),
         {"extra_info": {}, "stats": {}},  # someone else's benchmark: ignored
     ]}
     not_run = [dict(kind="inference", name="m2rec", backend="triton", L=200, batch=64, reason="no CUDA"),
@@ -87,7 +89,7 @@ def _example_rows():
 
 def test_tidy_rows_derive_per_sequence_and_throughput():
     rows = _example_rows()
-    assert len(rows) == 20
+    assert len(rows) == 22
     r = next(r for r in rows if r["kind"] == "inference" and r["name"] == "m2rec" and r["backend"] == "torch"
              and r["L"] == 200 and r["status"] == "ok")
     assert r["mean_ms"] == pytest.approx(500.0)

@@ -5,11 +5,16 @@ Errors are one line on stderr, ``m2rec <command>: error: <what and why>``, never
 (``M2REC_DEBUG=1`` shows it): exit code 2 for bad input (options, files, data, checkpoints) and for a
 run that diverged, 130 after Ctrl-C or SIGTERM, 141 (as for a process killed by SIGPIPE) when stdout is a pipe
 that was closed early (``m2rec evaluate ... | head``), with nothing printed.
+
+Under torchrun (``train`` and ``evaluate``, ``m2rec.distributed``) a process's own error names its rank
+(``error: rank 1 of 2: ...``; any exception then, exit code 1 for one that is not bad input); what every
+process shares — a diverged run, Ctrl-C, another process's failure — is said once, by rank 0.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -72,9 +77,17 @@ def _add_backend_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _threads(n: Optional[int]) -> None:
+    from .distributed import threads_per_process
+    n = threads_per_process(n)  # under torchrun: the cores shared among this machine's processes
     if n is not None:
         import torch
         torch.set_num_threads(n)
+
+
+def _add_dist_timeout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others at a collective before "
+                        "the run stops with an error (default 1800)")
 
 
 def cmd_data_info(args) -> int:
@@ -112,8 +125,8 @@ def cmd_train(args) -> int:
         backend=args.backend, threads=args.threads, eval_batch_size=args.eval_batch_size,
         d_model=args.d_model, n_layers=args.n_layers, dropout=args.dropout, use_text=not args.no_text,
         use_frequency=not args.no_frequency, filter=args.filter, text_embeddings=args.text_embeddings,
-        text_model_dir=args.text_model_dir,
-        cache_dir=args.cache_dir, progress=not args.no_progress, overwrite=args.overwrite)
+        text_model_dir=args.text_model_dir, cache_dir=args.cache_dir, progress=not args.no_progress,
+        overwrite=args.overwrite, dist_timeout=args.dist_timeout)
     train(cfg, log=lambda msg: print(msg, flush=True))
     return 0
 
@@ -124,25 +137,33 @@ def cmd_evaluate(args) -> int:
     from .atomic_io import write_text_atomic
     from .checkpoint import check_same_data, load_checkpoint, training_data
     from .data import load_dataset
+    from .distributed import join
     from .evaluation import rank_targets
     from .metrics import metrics_from_ranks, standard_errors
     from m2rec_kernels._backend import check_backend_runs
-    check_output_file(args.output, "--output")  # before the metrics are computed, not after
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise ValueError(f"--dist-timeout must be a finite number of seconds > 0, got {args.dist_timeout}")
     _threads(args.threads)
     check_backend_runs(args.backend, args.device, "--backend")
-    model, ckpt = load_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
-    where, source = training_data(ckpt, args.data)
-    data = load_dataset(where, k_core=ckpt["data"]["k_core"])
-    check_same_data(ckpt, data, source)
-    max_len = ckpt["train_config"]["max_len"]
-    t0 = time.perf_counter()
-    ranks = rank_targets(model, data, args.split, max_len, args.batch_size, torch.device(args.device))
+    with join(args.device, args.dist_timeout) as group:  # several processes: each ranks a block of users
+        if group.is_main:  # rank 0 alone writes the result; checked once the processes have met
+            check_output_file(args.output, "--output")  # before the metrics are computed, not after
+        model, ckpt = load_checkpoint(args.checkpoint, device=group.device, backend=args.backend)
+        where, source = training_data(ckpt, args.data)
+        data = load_dataset(where, k_core=ckpt["data"]["k_core"])
+        check_same_data(ckpt, data, source)
+        max_len = ckpt["train_config"]["max_len"]
+        t0 = time.perf_counter()
+        ranks = rank_targets(model, data, args.split, max_len, args.batch_size, group.device, group)
+        processes = group.world_size
+        if not group.is_main:
+            return 0
     metrics = dict(metrics_from_ranks(ranks), n_users=len(ranks))
     result = {"checkpoint": str(args.checkpoint), "model": ckpt["model_name"], "data": data.name,
               "data_path": where, "split": args.split, "epoch": ckpt["epoch"], "max_len": max_len,
               "model_kwargs": ckpt["model_kwargs"], "metrics": metrics,
               "standard_errors": standard_errors(ranks),
-              "seconds": round(time.perf_counter() - t0, 2)}
+              "seconds": round(time.perf_counter() - t0, 2), "processes": processes}
     text = json.dumps(result, indent=2)
     if args.output:  # first, so a closed stdout cannot lose it
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-model-dir", default=None, help="encoder for the item texts (see embed-items)")
     p.add_argument("--cache-dir", default=None, help="text-embedding cache directory (see embed-items)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_dist_timeout_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="full-ranking HR/NDCG/MRR@10,20 of a checkpoint")
@@ -222,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_arg(p)
     _add_backend_arg(p)
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
+    _add_dist_timeout_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     from .experiments import add_quality_report_parser
@@ -236,24 +259,36 @@ def _terminate_like_ctrl_c(signum, frame) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .distributed import PeerFailed, describe, launched_ranks
     from .training import TrainingDiverged
     args = build_parser().parse_args(argv)
+    rank, world = launched_ranks() if args.command in ("train", "evaluate") else (0, 1)
+    me = f"rank {rank} of {world}: " if world > 1 else ""  # names the process in its own errors
     previous_sigterm = None
     if threading.current_thread() is threading.main_thread():
         previous_sigterm = signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
     try:
         return args.func(args)
-    except (ValueError, OSError, ImportError, TrainingDiverged) as e:
-        # Bad input (options, files, data, checkpoints), a missing package, a diverged run: one line.
+    except (ValueError, OSError, ImportError, TrainingDiverged, PeerFailed) as e:
+        # Bad input (options, files, data, checkpoints), a missing package, a diverged run, another
+        # process's failure: one line. The last two are the whole run's, said by rank 0 alone.
         if isinstance(e, BrokenPipeError):
             return _quiet_broken_pipe()
         if os.environ.get("M2REC_DEBUG"):
             raise
-        print(f"m2rec {args.command}: error: {e}", file=sys.stderr)
+        shared = isinstance(e, (TrainingDiverged, PeerFailed))
+        if rank == 0 or not shared:
+            print(f"m2rec {args.command}: error: {'' if shared else me}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # training says where its best checkpoint is
-        print(f"m2rec {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        if rank == 0:
+            print(f"m2rec {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
+    except Exception as e:
+        if world == 1 or os.environ.get("M2REC_DEBUG"):
+            raise  # one process: a bug shows its traceback, as before
+        print(f"m2rec {args.command}: error: {me}{describe(e)}", file=sys.stderr)
+        return 1
     finally:
         if previous_sigterm is not None:  # main() may be called from Python: leave no handler behind
             signal.signal(signal.SIGTERM, previous_sigterm)

@@ -7,12 +7,18 @@ so whatever stops a run — divergence, Ctrl-C, a crash — the folder describes
 to the last finished epoch, the checkpoint of the best of those epochs, and a summary saying how it
 ended. A non-empty folder is refused unless the caller asks to overwrite it, so no earlier run is lost
 by accident.
+
+In a run of several processes only rank 0 writes; the others hold a ``RunFolder(..., writes=False)``
+that follows the same calls without touching the disk, so every process can say what the run kept.
 """
 from __future__ import annotations
 
 import json
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, Iterator, List, Union
 
 from .atomic_io import write_text_atomic
 
@@ -41,11 +47,32 @@ def check_output_dir(out_dir: Union[str, Path], overwrite: bool, option: str = "
                              f"replace the run in it, or choose another {option}")
 
 
-class RunFolder:
-    """Writes one run's files; see the module docstring."""
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Ctrl-C and SIGTERM are ignored inside the block (main thread only: elsewhere Python cannot
+    change handlers). For the summary, the last word of a run that is ending anyway: a second signal
+    — or torchrun's SIGTERM to the others once one process has stopped — must not cut it off."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not None}  # None: set outside Python, keep it
+    for s in previous:
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
-    def __init__(self, out_dir: Union[str, Path]):
+
+class RunFolder:
+    """Writes one run's files; see the module docstring. ``writes=False``: the same bookkeeping, no
+    files (the processes other than rank 0)."""
+
+    def __init__(self, out_dir: Union[str, Path], writes: bool = True):
         self.path = Path(out_dir)
+        self.writes = writes
         self.checkpoint_epoch = 0  # the epoch whose checkpoint is on disk (0: none yet)
 
     @property
@@ -55,6 +82,8 @@ class RunFolder:
     def prepare(self, overwrite: bool) -> None:
         """Check the folder (``check_output_dir``), create it, with ``overwrite`` remove an earlier
         run's files (other files in it are left alone), and start an empty log."""
+        if not self.writes:
+            return
         check_output_dir(self.path, overwrite)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -66,15 +95,18 @@ class RunFolder:
 
     def write_log(self, history: List[Dict[str, Any]]) -> None:
         """The whole log so far (one JSON record per finished epoch), replacing the previous one."""
+        if not self.writes:
+            return
         write_text_atomic(self.path / LOG, "".join(json.dumps(record) + "\n" for record in history))
 
     def save_checkpoint(self, epoch: int, *args: Any, **kwargs: Any) -> Path:
         """``m2rec.checkpoint.save_checkpoint`` into this folder (atomic too); ``checkpoint_epoch``
         changes only once the file is in place, so it always names what is on disk."""
         from .checkpoint import save_checkpoint
-        path = save_checkpoint(self.checkpoint, *args, **kwargs)
+        if self.writes:
+            save_checkpoint(self.checkpoint, *args, **kwargs)
         self.checkpoint_epoch = epoch
-        return path
+        return self.checkpoint
 
     def kept(self) -> str:
         """What a run that ends now leaves behind, for the one-line message."""
@@ -83,4 +115,8 @@ class RunFolder:
         return "no epoch finished, so no checkpoint was written"
 
     def write_summary(self, summary: Dict[str, Any]) -> None:
-        write_text_atomic(self.path / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        """The run's last file; Ctrl-C and SIGTERM are ignored while it is written (``_signals_ignored``)."""
+        if not self.writes:
+            return
+        with _signals_ignored():
+            write_text_atomic(self.path / SUMMARY, json.dumps(summary, indent=2) + "\n")

@@ -6,7 +6,7 @@ Every public op takes ``backend="auto" | "torch" | "triton" | "cpu"``:
 * ``"triton"`` — the fused Triton kernels. They run compiled on CUDA tensors and, for testing, on CPU
   tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is imported).
 * ``"cpu"``    — compiled C++ kernels for CPU tensors (built by set-up, ``m2rec_kernels/scan/cpu.py``);
-  so far the selective scan has one. An op without a compiled CPU kernel runs its PyTorch reference,
+  the selective scan and the causal conv1d have one. An op without a compiled CPU kernel runs its PyTorch reference,
   so a model built with ``backend="cpu"`` runs whole.
 * ``"auto"``   — Triton for CUDA tensors; on CPU the compiled kernel where the op has one and it is
   built, torch otherwise. The interpreter is never picked automatically: it is orders of magnitude
@@ -77,7 +77,7 @@ def resolve_backend(backend: str, op: str, *tensors: torch.Tensor,
 def check_backend_runs(backend: str, device, what: str = "backend") -> None:
     """Raise ``ValueError`` up front when ``backend`` cannot run on ``device`` — for command lines and
     configs, which should fail before loading data rather than at the first kernel call. For "cpu"
-    that includes the compiled selective scan (the models' only compiled CPU kernel so far)."""
+    that includes the compiled selective scan (the causal conv1d lives in the same library)."""
     from .scan.cpu import cpu_scan_unavailable
 
     try:

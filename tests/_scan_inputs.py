@@ -21,6 +21,25 @@ def make_lengths(batch: int, L: int, device) -> torch.Tensor:
     return torch.tensor([pattern[i % 3] for i in range(batch)], dtype=torch.int64, device=device)
 
 
+def bc_shape(form, batch: int, dim: int, L: int, N: int) -> tuple:
+    """The shape of B or C in ``form`` ("seq", "inv" or the number of groups G)."""
+    if form == "seq":
+        return (batch, N, L)
+    if form == "inv":
+        return (dim, N)
+    return (batch, int(form), N, L)
+
+
+def per_channel(X: torch.Tensor, batch: int, dim: int, L: int) -> torch.Tensor:
+    """B or C in any form as (batch, dim, N, L): each channel's own row at each step, written out
+    (channel d of a grouped X reads group d // (dim / G))."""
+    if X.dim() == 2:
+        return X[None, :, :, None].expand(batch, dim, X.shape[1], L)
+    if X.dim() == 3:
+        return X[:, None].expand(batch, dim, *X.shape[1:])
+    return X.repeat_interleave(dim // X.shape[1], dim=1)
+
+
 def make_scan_inputs(
     batch: int,
     dim: int,
@@ -35,8 +54,12 @@ def make_scan_inputs(
     dtype: torch.dtype = torch.float32,
     device="cpu",
     generator_seed: int = 0,
+    B_form="seq",
+    C_form="seq",
 ) -> dict:
-    """Keyword arguments for ``selective_scan`` (without return_last_state/backend)."""
+    """Keyword arguments for ``selective_scan`` (without return_last_state/backend). ``B_form`` and
+    ``C_form``: "seq" (batch, N, L), an int G for the grouped (batch, G, N, L), or "inv" for the
+    time-invariant (dim, N)."""
     g = torch.Generator().manual_seed(generator_seed)
 
     def rnd(*shape, scale=1.0, shift=0.0):
@@ -52,8 +75,8 @@ def make_scan_inputs(
         u=rnd(batch, dim, L),
         delta=delta,
         A=A,
-        B=rnd(batch, N, L),
-        C=rnd(batch, N, L),
+        B=rnd(*bc_shape(B_form, batch, dim, L, N)),
+        C=rnd(*bc_shape(C_form, batch, dim, L, N)),
         D=rnd(dim) if use_D else None,
         z=rnd(batch, dim, L) if use_z else None,
         delta_bias=None,
@@ -74,7 +97,8 @@ def naive_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, lengths=None
 ):
     """Explicit loops over batch and time in float64; a sequence simply stops updating its state
-    after its length (an independent formulation of the identity-step rule). Differentiable by
+    after its length (an independent formulation of the identity-step rule). B and C in any form,
+    written out per channel. Differentiable by
     autograd (the gradient tests use it as the spec of the hand-written backward).
     Returns (out float64 (batch, dim, L), last_state float64 (batch, dim, N))."""
     f = torch.float64
@@ -83,6 +107,7 @@ def naive_scan(
     z = None if z is None else z.to(f)
     bias = None if delta_bias is None else delta_bias.to(f)
     batch, dim, L = u.shape
+    B, C = per_channel(B, batch, dim, L), per_channel(C, batch, dim, L)  # (batch, dim, N, L)
     N = A.shape[1]
     outs, lasts = [], []
     for b in range(batch):
@@ -94,8 +119,8 @@ def naive_scan(
                 dt = delta[b, :, t] if bias is None else delta[b, :, t] + bias
                 if delta_softplus:
                     dt = torch.where(dt > 20, dt, torch.log1p(torch.exp(dt)))
-                h = torch.exp(dt[:, None] * A) * h + (dt * u[b, :, t])[:, None] * B[b, :, t][None, :]
-            o = h @ C[b, :, t]
+                h = torch.exp(dt[:, None] * A) * h + (dt * u[b, :, t])[:, None] * B[b, :, :, t]
+            o = (h * C[b, :, :, t]).sum(-1)
             if D is not None:
                 o = o + D * u[b, :, t]
             if z is not None:

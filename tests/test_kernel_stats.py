@@ -46,8 +46,8 @@ def test_innermost_loops_are_found_by_their_backward_branches():
 
 # Every registered kernel at the host's configurations (tests/test_filter_sm90.py compiles the filter
 # kernels at every tile choice too, and in low precision).
-CHECKED = ["scan_fwd", "scan_bwd", "selective_state_update", "gated_fusion", "toeplitz_filter", "toeplitz_corr",
-           "dft_filter"]
+CHECKED = ["scan_fwd", "scan_bwd", "scan_bc_forms", "selective_state_update", "gated_fusion", "toeplitz_filter",
+           "toeplitz_corr", "dft_filter"]
 
 
 def test_registered_kernels_compile_for_sm90_without_spills(tmp_path):
@@ -71,3 +71,10 @@ def test_registered_kernels_compile_for_sm90_without_spills(tmp_path):
     assert parallel_fwd
     for c in parallel_fwd:  # the goal for the scan's inner loop
         assert c["warp_instructions_per_element"] is not None and c["warp_instructions_per_element"] <= 0.9, c["shape"]
+    # the time-parallel backward: not back to its first form (1.85-2.05 warp instructions per
+    # element; one 8-warp program per SM at L 2000)
+    parallel_bwd = [c for c in cases if c["kernel"] == "scan_bwd" and "parallel" in c["shape"]]
+    assert parallel_bwd
+    for c in parallel_bwd:
+        assert c["warp_instructions_per_element"] is not None and c["warp_instructions_per_element"] <= 1.7, c["shape"]
+        assert c["programs_per_sm"] * c["num_warps"] >= 8, c["shape"]

@@ -295,3 +295,56 @@ def test_forward_last_and_prefill_states_per_sequence(backend, device):
         mixer.forward_last(h, torch.tensor([7, 0, 5], device=device))
     with pytest.raises(ValueError, match="lengths"):
         mixer.forward_last(h, torch.tensor([8, 1, 5], device=device))
+
+
+def _mixer_results(mixer, h, lengths):
+    """forward output and every gradient, forward_last, and prefill (full and last-only) states."""
+    h = h.detach().clone().requires_grad_(True)
+    mixer.zero_grad()
+    out = mixer(h)
+    out.backward(torch.cos(out.detach() * 3))
+    grads = [h.grad] + [p.grad for p in mixer.parameters()]
+    with torch.no_grad():
+        last = mixer.forward_last(h, lengths)
+        prefill = mixer.prefill(h, lengths)
+        prefill_last = mixer.prefill(h, lengths, last_only=True)
+    return [out.detach(), *grads, last, *prefill, *prefill_last]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_time_major_and_channels_first_layouts_agree(monkeypatch, backend):
+    """On CPU the mixer keeps its activations time-major; on CUDA channels-first (mamba's layout, the
+    one the Triton kernels read). Both give the same outputs, gradients and states: the CUDA layout
+    is forced here on CPU tensors."""
+    from m2rec_kernels.conv.cpu import cpu_conv_unavailable
+
+    if backend == "cpu" and cpu_conv_unavailable() is not None:
+        pytest.skip(cpu_conv_unavailable())
+    torch.manual_seed(5)
+    mixer = MambaMixer(12, d_state=5, d_conv=4, bias=True, backend=backend)
+    _perturb(mixer)
+    h, lengths = torch.randn(3, 9, 12), torch.tensor([9, 4, 1])
+    time_major = _mixer_results(mixer, h, lengths)
+    monkeypatch.setattr(MambaMixer, "_time_major", staticmethod(lambda hidden_states: False))
+    channels_first = _mixer_results(mixer, h, lengths)
+    for i, (a, b) in enumerate(zip(time_major, channels_first)):
+        assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"result {i}: {m}")
+
+
+def test_last_position_in_batch_slices(monkeypatch):
+    """On CPU the last-position path runs the batch in slices of LAST_CHUNK_POSITIONS positions: the
+    same results (outputs, states) as in one piece, for slices of 1 and 2 rows and a ragged tail."""
+    import m2rec.layers.mamba_mixer as mamba_mixer
+
+    torch.manual_seed(6)
+    mixer = MambaMixer(10, d_state=3, d_conv=3)
+    _perturb(mixer)
+    h, lengths = torch.randn(5, 7, 10), torch.tensor([7, 2, 5, 1, 6])
+    with torch.no_grad():
+        monkeypatch.setattr(mamba_mixer, "LAST_CHUNK_POSITIONS", 10 ** 9)
+        whole = [mixer.forward_last(h, lengths), *mixer.prefill(h, lengths, last_only=True)]
+        for rows in (1, 2):
+            monkeypatch.setattr(mamba_mixer, "LAST_CHUNK_POSITIONS", rows * 7)
+            sliced = [mixer.forward_last(h, lengths), *mixer.prefill(h, lengths, last_only=True)]
+            for a, b in zip(sliced, whole):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -184,6 +184,23 @@ def test_semantic_stream_uses_frozen_text_embeddings():
         M2Rec(N_ITEMS, use_semantic=True)
 
 
+def test_semantic_stream_projects_the_table_or_the_gathered_rows_alike():
+    """With more ids than table rows the table is projected first, then gathered: the same stream
+    and the same gradients as gathering first (what a few ids take)."""
+    model = CONFIGS["m2rec-text"](dropout=0.0)
+    seq = torch.randint(0, N_ITEMS + 1, (4, 9))  # 36 ids > 31 table rows
+    g = torch.randn(4, 9, D)
+    results = []
+    for rows in (slice(0, 4), slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4)):  # whole batch, then by row
+        model.zero_grad()
+        s = model.semantic_stream(seq[rows])
+        (s * g[rows]).sum().backward()
+        results.append((s.detach(), model.semantic_proj.weight.grad.clone()))
+    whole, per_row = results[0], results[1:]
+    assert_close(whole[0], torch.cat([r[0] for r in per_row]), rtol=1e-5, atol=1e-6)
+    assert_close(whole[1], sum(r[1] for r in per_row), rtol=1e-5, atol=1e-5)
+
+
 def test_ablations_construct_and_run():
     for name, branches in (("m2rec", 2), ("m2rec-text", 3), ("m2rec-no-frequency", 2), ("m2rec-mamba-only", 1)):
         model = CONFIGS[name]()

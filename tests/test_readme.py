@@ -40,6 +40,7 @@ def test_python_snippet_runs_as_printed(index):
     model = namespace.get("model")
     if model is not None and all(name in namespace for name in ("scores", "items", "lengths")):
         # scores are documented as deterministic: the model must be in eval mode when it scores
+        # (the serving snippet's scores come from step(), after a prefill of its own histories)
         assert not model.training
         with torch.no_grad():
             again = model.scores(namespace["items"], namespace["lengths"])

@@ -253,6 +253,97 @@ def test_public_final_form_dispatches_to_the_kernel():
     assert out_bf.dtype == torch.bfloat16 and last_bf.dtype == torch.float32
 
 
+# ---------------------------------------------------------------- grouped and time-invariant B / C
+
+# (B form, C form, dim): G groups of B / C ("seq": per sequence). The task blocks must not straddle a
+# group of either: at dim 45 with G 5 and 3 the groups hold 9 and 15 channels, so blocks are cut at
+# multiples of 3 (partial vectors everywhere); G = 48 is one channel per group.
+CPU_GROUPED = [(2, "seq", 48), ("seq", 3, 48), (3, 2, 48), (48, 48, 48), (5, 3, 45), (1, 16, 48)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("B_form,C_form,dim", CPU_GROUPED, ids=[f"B{b}-C{c}-d{d}" for b, c, d in CPU_GROUPED])
+@pytest.mark.parametrize("use_lengths", [False, True], ids=["full", "lengths"])
+def test_grouped_bc_against_float64(isa, B_form, C_form, dim, use_lengths):
+    """Grouped B / C (batch, G, N, L): forward, last state and every gradient (dB, dC summed over each
+    group's channels, in (batch, G, N, L)) against the float64 reference, every option on."""
+    _isa_or_skip(isa)
+    kw = make_scan_inputs(3, dim, 37, 7, use_lengths=use_lengths, B_form=B_form, C_form=C_form)
+    grad_out, grad_last = _grads(kw["u"].shape, (3, dim, 7), "both")
+    out, last, grads = _run(kw, "cpu", grad_out, grad_last, isa=isa)
+    want_out, want_last, want_grads = _run(kw, "ref", grad_out, grad_last, f64=True)
+    _close(out, want_out, "out")
+    _close(last, want_last, "last_state")
+    for name in want_grads:
+        assert grads[name].shape == kw[name].shape, name
+        _close(grads[name], want_grads[name], f"grad of {name}")
+
+
+@needs_lib
+@pytest.mark.parametrize("use_lengths", [False, True], ids=["full", "lengths"])
+def test_grouped_bc_public_ops_dispatch_to_the_kernel(monkeypatch, use_lengths):
+    """selective_scan / selective_scan_final with grouped B / C run the compiled kernels ("auto" and
+    "cpu"), the final form without gradients in its output-free mode."""
+    kw = make_scan_inputs(**ODD, use_lengths=use_lengths, B_form=3, C_form=2)
+    if use_lengths:
+        kw["lengths"] = kw["lengths"].clamp(min=1)
+    calls = []
+    real = torch.ops.m2rec_scan_cpu.forward
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(a[10])  # the mode
+            return real(*a)
+    monkeypatch.setattr(scan_cpu.torch.ops.m2rec_scan_cpu, "forward", Spy(), raising=False)
+    got = selective_scan(**kw, backend="auto")
+    got_final, got_last = selective_scan_final(**kw, backend="cpu")
+    assert calls == [scan_cpu._MODE_OUT, scan_cpu._MODE_FINAL]
+    want, want_last = selective_scan(**kw, return_last_state=True, backend="torch")
+    idx = kw["lengths"] - 1 if use_lengths else torch.full((ODD["batch"],), ODD["L"] - 1)
+    _close(got, want, "out")
+    _close(got_final, want[torch.arange(ODD["batch"]), :, idx], "out_last")
+    _close(got_last, want_last, "last_state")
+
+
+@needs_lib
+def test_grouped_bc_thread_count_does_not_change_a_bit():
+    kw = make_scan_inputs(batch=3, dim=60, L=40, N=5, use_lengths=True, B_form=4, C_form=6)
+    grad_out, grad_last = _grads(kw["u"].shape, (3, 60, 5), "both")
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_run(kw, "cpu", grad_out, grad_last))
+    finally:
+        torch.set_num_threads(before)
+    for out, last, g in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(last, results[0][1])
+        for name in g:
+            assert torch.equal(g[name], results[0][2][name]), name
+
+
+@needs_lib
+@pytest.mark.parametrize("B_form,C_form", [("inv", "seq"), (2, "inv")], ids=["Binv", "Cinv"])
+def test_time_invariant_bc_runs_the_reference_on_auto_and_is_refused_by_cpu(monkeypatch, B_form, C_form):
+    """A time-invariant B or C (dim, N) does not fit the kernels' lanes (channels sharing one B/C value per
+    step): "auto" runs the reference (same bits), an explicit backend="cpu" names the form."""
+    kw = make_scan_inputs(**ODD, use_lengths=True, B_form=B_form, C_form=C_form)
+    kw["lengths"] = kw["lengths"].clamp(min=1)
+
+    def no_kernel(*a, **k):
+        raise AssertionError("the compiled kernel ran")
+    monkeypatch.setattr(scan_cpu, "selective_scan_cpu", no_kernel)
+    monkeypatch.setattr(scan_cpu, "selective_scan_final_cpu", no_kernel)
+    assert torch.equal(selective_scan(**kw, backend="auto"), selective_scan(**kw, backend="torch"))
+    got, want = selective_scan_final(**kw, backend="auto"), selective_scan_final(**kw, backend="torch")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    name = "B" if B_form == "inv" else "C"
+    for op in (selective_scan, selective_scan_final):
+        with pytest.raises(ValueError, match=f"backend='cpu' does not take a time-invariant {name} \\(dim, N\\)"):
+            op(**kw, backend="cpu")
+
+
 # ---------------------------------------------------------------- determinism, layouts, edge cases
 
 @needs_lib

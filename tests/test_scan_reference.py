@@ -168,7 +168,7 @@ def _bad_scan_cases():
         (dict(A=-torch.rand(d, N).half()), TypeError, "A"),
         (dict(A=torch.randn(d, N, dtype=torch.complex64)), TypeError, "A"),
         (dict(B=torch.randn(b, N + 1, L)), ValueError, "B"),
-        (dict(B=torch.randn(d, N)), ValueError, "B"),  # mamba's time-invariant B is not supported
+        (dict(B=torch.randn(d, N + 1)), ValueError, "B"),  # time-invariant (dim, N) with the wrong N
         (dict(C=torch.randn(b, N, L - 1)), ValueError, "C"),
         (dict(D=torch.randn(d + 1)), ValueError, "D"),
         (dict(z=torch.randn(b, d, L - 1)), ValueError, "z"),
@@ -237,3 +237,167 @@ def test_final_rejects_empty_sequences():
     kw = make_scan_inputs(**ODD, use_lengths=True)  # one sequence has length 0
     with pytest.raises(ValueError, match="lengths >= 1"):
         selective_scan_final(**kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# B and C grouped (batch, G, N, L) and time-invariant (dim, N) (m2rec_kernels/scan/bc_forms.py)
+# --------------------------------------------------------------------------------------------------
+
+# (B form, C form): "seq" (batch, N, L), G (batch, G, N, L), "inv" (dim, N); at ODD's dim 48, G = 48 is
+# one channel per group and G = 1 the per-sequence form written as grouped.
+BC_FORMS = [(2, "seq"), ("seq", 3), (3, "inv"), ("inv", 2), ("inv", "inv"), (48, 48), (1, "inv")]
+BC_IDS = [f"B{b}-C{c}" for b, c in BC_FORMS]
+
+
+# every option with lengths (full, partial and empty sequences); all or none of them without
+BC_OPTIONS = [opts + (True,) for opts in OPTION_GRID] + [(True,) * 4 + (False,), (False,) * 5]
+
+
+@pytest.mark.parametrize("B_form,C_form", BC_FORMS, ids=BC_IDS)
+@pytest.mark.parametrize("use_D,use_z,use_bias,softplus,use_lengths", BC_OPTIONS)
+def test_bc_forms_forward_and_gradients_match_the_naive_loop(B_form, C_form, use_D, use_z, use_bias, softplus,
+                                                             use_lengths):
+    """Every form of B and C, forward, last state and every gradient in float64 against autograd
+    through the naive loop (which writes each channel's B/C row out); dB, dC come back in their
+    inputs' forms (grouped: summed over the group's channels; time-invariant: over batch and time)."""
+    kw = make_scan_inputs(**ODD, use_D=use_D, use_z=use_z, use_bias=use_bias, softplus=softplus,
+                          use_lengths=use_lengths, dtype=torch.float64, B_form=B_form, C_form=C_form)
+    ours, naive = clone_inputs(kw), clone_inputs(kw)
+    out, last = selective_scan(**ours, return_last_state=True, backend="torch")
+    want_out, want_last = naive_scan(**naive)
+    assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    assert_close(last, want_last, rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(2)
+    g_out = torch.randn(want_out.shape, generator=g, dtype=torch.float64)
+    g_last = torch.randn(want_last.shape, generator=g, dtype=torch.float64)
+    torch.autograd.backward((out, last), (g_out, g_last))
+    torch.autograd.backward((want_out, want_last), (g_out, g_last))
+    for name in GRAD_NAMES:
+        if kw[name] is not None:
+            assert ours[name].grad.shape == kw[name].shape, name
+            assert_close(ours[name].grad, naive[name].grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("B_form,C_form", [(3, "inv"), ("inv", 2)], ids=["B3-Cinv", "Binv-C2"])
+@pytest.mark.parametrize("chunk", [1, 5, 37])
+def test_bc_forms_chunking_does_not_change_the_result(B_form, C_form, chunk):
+    kw = make_scan_inputs(**ODD, use_lengths=True, dtype=torch.float64, B_form=B_form, C_form=C_form)
+    out, last = selective_scan_ref(**kw, return_last_state=True, chunk=chunk)
+    want_out, want_last = naive_scan(**kw)
+    assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    assert_close(last, want_last, rtol=1e-12, atol=1e-12)
+
+
+def test_bc_forms_equal_their_per_channel_expansion():
+    """A grouped B equals the per-sequence scan of each group's channels; a time-invariant C equals the
+    scan of each channel alone with that channel's row repeated along time and batch."""
+    kw = make_scan_inputs(**ODD, use_lengths=True, B_form=3, C_form="inv")
+    out, last = selective_scan(**kw, return_last_state=True, backend="torch")
+    per = ODD["dim"] // 3
+    for d in (0, per - 1, per, ODD["dim"] - 1):
+        one = dict(kw, u=kw["u"][:, d:d + 1], delta=kw["delta"][:, d:d + 1], A=kw["A"][d:d + 1],
+                   B=kw["B"][:, d // per], C=kw["C"][d].expand(ODD["batch"], ODD["L"], ODD["N"]).transpose(1, 2),
+                   D=kw["D"][d:d + 1], z=kw["z"][:, d:d + 1], delta_bias=kw["delta_bias"][d:d + 1])
+        out_d, last_d = selective_scan(**one, return_last_state=True, backend="torch")
+        assert_close(out[:, d:d + 1], out_d, rtol=1e-6, atol=1e-6)
+        assert_close(last[:, d:d + 1], last_d, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("B_form,C_form", [(2, "inv"), ("inv", 3)], ids=["B2-Cinv", "Binv-C3"])
+def test_bc_forms_gradcheck_float64(B_form, C_form):
+    kw = make_scan_inputs(2, 6, 6, 2, use_lengths=True, dtype=torch.float64, B_form=B_form, C_form=C_form)
+    kw["lengths"] = torch.tensor([6, 4])
+    kw["delta_bias"][:2] = torch.tensor([0.3, -0.2], dtype=torch.float64)  # keep softplus smooth
+    kw = clone_inputs(kw)
+
+    def f(*tensors):
+        args = dict(kw, **dict(zip(GRAD_NAMES, tensors)))
+        return selective_scan_ref(**args, return_last_state=True, chunk=4)
+
+    assert torch.autograd.gradcheck(f, tuple(kw[n] for n in GRAD_NAMES), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("B_form,C_form", [(2, "inv"), ("inv", 3), (48, 1)], ids=["B2-Cinv", "Binv-C3", "B48-C1"])
+def test_bc_forms_final_equals_the_full_scan_at_each_last_step(B_form, C_form):
+    kw = make_scan_inputs(**ODD, use_lengths=True, B_form=B_form, C_form=C_form)
+    kw["lengths"] = kw["lengths"].clamp(min=1)
+    out, last = selective_scan(**kw, return_last_state=True, backend="torch")
+    want = out[torch.arange(ODD["batch"]), :, kw["lengths"] - 1]
+    got, got_last = selective_scan_final(**kw, backend="torch")
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_close(got_last, last, rtol=0, atol=0)
+
+
+def test_bc_forms_low_precision_against_float64():
+    """fp16 B (grouped) and C (time-invariant): the state is fp32, the gradients come back in fp16 and
+    in their inputs' forms, within fp16 rounding of a float64 run on the same values."""
+    kw = make_scan_inputs(**ODD, use_lengths=True, dtype=torch.float16, B_form=2, C_form="inv")
+    lp = clone_inputs(kw)
+    exact = clone_inputs(kw, dtype=torch.float64)
+    exact["A"] = exact["A"].double().detach().requires_grad_()
+    out, last = selective_scan(**lp, return_last_state=True, backend="torch")
+    want_out, want_last = selective_scan(**exact, return_last_state=True, backend="torch")
+    assert out.dtype == torch.float16 and last.dtype == torch.float32
+    assert_close(out.double(), want_out, rtol=2e-3, atol=2e-3)
+    assert_close(last.double(), want_last, rtol=1e-5, atol=1e-5)
+    out.float().sum().backward()
+    want_out.sum().backward()
+    for name in ("B", "C"):
+        assert lp[name].grad.dtype == torch.float16 and lp[name].grad.shape == kw[name].shape
+        assert_close(lp[name].grad.double(), exact[name].grad, rtol=1e-2, atol=1e-2, msg=name)
+
+
+def _bad_bc_cases():
+    b, d, L, N = 2, 6, 5, 3
+    good = dict(u=torch.randn(b, d, L), delta=torch.rand(b, d, L), A=-torch.rand(d, N),
+                B=torch.randn(b, N, L), C=torch.randn(b, N, L))
+    return good, [
+        (dict(B=torch.randn(b, 4, N, L)), "B is grouped with G = 4 groups"),  # 4 does not divide 6
+        (dict(C=torch.randn(b, 0, N, L)), "C is grouped with G = 0 groups"),
+        (dict(B=torch.randn(b, 2, N + 1, L)), "B must have shape"),  # grouped, wrong N
+        (dict(C=torch.randn(b, 3, N, L + 1)), "C must have shape"),  # grouped, wrong L
+        (dict(B=torch.randn(b + 1, 2, N, L)), "B must have shape"),  # grouped, wrong batch
+        (dict(C=torch.randn(d, N + 1)), "C must have shape"),  # time-invariant, wrong N
+        (dict(B=torch.randn(d + 1, N)), "B must have shape"),  # time-invariant, wrong dim
+        (dict(B=torch.randn(b, 1, 2, N, L)), "B must have shape.*5-D"),
+        (dict(C=torch.randn(N)), "C must have shape.*1-D"),
+        (dict(B=torch.randn(d, N, device="meta")), "B is on meta"),
+        (dict(C=torch.randn(b, 2, N, L, device="meta")), "C is on meta"),
+    ]
+
+
+@pytest.mark.parametrize("op", ["selective_scan", "selective_scan_final"])
+@pytest.mark.parametrize("case", range(len(_bad_bc_cases()[1])))
+def test_bad_bc_forms_raise_naming_the_argument(op, case):
+    good, cases = _bad_bc_cases()
+    change, message = cases[case]
+    fn = selective_scan if op == "selective_scan" else selective_scan_final
+    with pytest.raises(ValueError, match=message):
+        fn(**dict(good, **change))
+
+
+@pytest.mark.parametrize("op", ["selective_scan", "selective_scan_final"])
+def test_complex_A_is_refused_with_a_clear_error(op):
+    good, _ = _bad_bc_cases()
+    fn = selective_scan if op == "selective_scan" else selective_scan_final
+    A = torch.complex(-torch.rand(6, 3), torch.randn(6, 3))
+    with pytest.raises(TypeError, match="complex A .* is not supported"):
+        fn(**dict(good, A=A))
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 5, 3), (2, 0, 5, 3), (2, 6, 0, 3)], ids=["batch0", "dim0", "L0"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+def test_bc_forms_empty_shapes(shape, backend):
+    """Empty batch, channels or time with grouped / time-invariant B, C: empty outputs, zero gradients in
+    the inputs' forms (the compiled CPU scan with grouped ones: it does not take time-invariant B/C)."""
+    from m2rec_kernels.scan.cpu import cpu_scan_unavailable
+
+    if backend == "cpu" and cpu_scan_unavailable():
+        pytest.skip(cpu_scan_unavailable())
+    for B_form, C_form in ((2, 3),) if backend == "cpu" else ((2, "inv"), ("inv", 3)):
+        kw = clone_inputs(make_scan_inputs(*shape, B_form=B_form, C_form=C_form))
+        out, last = selective_scan(**kw, return_last_state=True, backend=backend)
+        assert out.shape == kw["u"].shape and last.shape == (shape[0], shape[1], shape[3])
+        (out.sum() + last.sum()).backward()
+        for name in ("B", "C"):
+            assert kw[name].grad.shape == kw[name].shape and not kw[name].grad.any(), name

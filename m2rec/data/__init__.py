@@ -2,7 +2,8 @@
 preprocessing into leave-one-out item sequences, and batching."""
 from __future__ import annotations
 
-from .batching import TrainingExamples, build_training_examples, iterate_batches, pad_histories
+from .batching import (TrainingExamples, build_training_examples, iterate_batch_shards, iterate_batches,
+                       pad_histories)
 from .errors import DataFormatError
 from .preprocess import PAD_ID, SequenceData, build_sequences, k_core_rows
 from .readers import (RawInteractions, read_atomic, read_movielens_1m, read_movielens_100k, read_raw,
@@ -11,9 +12,9 @@ from .synthetic import make_synthetic
 
 __all__ = [
     "DATA_SET_NAMES", "DataFormatError", "PAD_ID", "RawInteractions", "SequenceData", "TrainingExamples",
-    "build_sequences", "build_training_examples", "iterate_batches", "k_core_rows", "load_dataset",
-    "make_synthetic", "pad_histories", "read_atomic", "read_movielens_100k", "read_movielens_1m",
-    "read_raw", "recbole_ml100k_dir",
+    "build_sequences", "build_training_examples", "iterate_batch_shards", "iterate_batches", "k_core_rows",
+    "load_dataset", "make_synthetic", "pad_histories", "read_atomic", "read_movielens_100k",
+    "read_movielens_1m", "read_raw", "recbole_ml100k_dir",
 ]
 
 

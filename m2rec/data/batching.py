@@ -85,20 +85,49 @@ def build_training_examples(sequences: Sequence[Sequence[int]], max_len: int,
     return TrainingExamples(pad_right(inputs, max_len), lengths, padded_targets, all_positions)
 
 
+def _batch(examples: TrainingExamples, idx: torch.Tensor, full_width: bool
+           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lengths = examples.lengths[idx]
+    width = examples.inputs.shape[1] if full_width else int(lengths.max())
+    targets = examples.targets[idx]
+    if examples.all_positions:
+        targets = targets[:, :width]
+    return examples.inputs[idx, :width], lengths, targets
+
+
 def iterate_batches(examples: TrainingExamples, batch_size: int, shuffle: bool = True,
                     generator: Optional[torch.Generator] = None, full_width: bool = False
                     ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(inputs, lengths, targets)`` batches, trimmed to the longest sequence in the batch
     (or kept at max_len with ``full_width``, for models that need a fixed width)."""
+    for inputs, lengths, targets, _ in iterate_batch_shards(examples, batch_size, 0, 1, shuffle, generator,
+                                                            full_width):
+        yield inputs, lengths, targets
+
+
+def iterate_batch_shards(examples: TrainingExamples, batch_size: int, rank: int = 0, world_size: int = 1,
+                         shuffle: bool = True, generator: Optional[torch.Generator] = None,
+                         full_width: bool = False
+                         ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
+    """Process ``rank``'s part of each global batch: ``(inputs, lengths, targets, real)``.
+
+    The epoch's order is one permutation drawn from ``generator`` — the same on every process when each
+    seeds its generator alike, and the very order one process with batches of ``batch_size *
+    world_size`` would use. Each global batch of that size is split into ``world_size`` contiguous
+    parts as equal as can be (the last, partial batch too: sizes differ by at most one, nothing is
+    dropped or repeated). A process whose part of the last batch is empty still gets one example —
+    that global batch's first — with ``real`` False: it must run a step (DDP's gradient all-reduce
+    needs every process) but weigh it zero. With ``world_size`` 1 these are exactly
+    :func:`iterate_batches`'s batches."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     n = len(examples)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for begin in range(0, n, batch_size):
-        idx = order[begin:begin + batch_size]
-        lengths = examples.lengths[idx]
-        width = examples.inputs.shape[1] if full_width else int(lengths.max())
-        targets = examples.targets[idx]
-        if examples.all_positions:
-            targets = targets[:, :width]
-        yield examples.inputs[idx, :width], lengths, targets
+    step = batch_size * world_size
+    for begin in range(0, n, step):
+        global_batch = order[begin:begin + step]
+        idx = torch.tensor_split(global_batch, world_size)[rank]
+        real = idx.numel() > 0
+        yield (*_batch(examples, idx if real else global_batch[:1], full_width), real)

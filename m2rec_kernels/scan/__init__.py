@@ -1,4 +1,5 @@
-"""Selective scan (Mamba-1 SSM recurrence) and its one-step streaming form (DESIGN §2.1).
+"""Selective scan (Mamba-1 SSM recurrence) and its one-step streaming form (DESIGN §2.1). B and C take
+the forms of ``bc_forms.py`` (per sequence, grouped, time-invariant).
 
 Public functions check their inputs, choose the backend (``m2rec_kernels._backend``) and dispatch to
 the PyTorch reference (``reference.py``), the fused Triton kernels (``function.py``) or, for
@@ -17,6 +18,7 @@ import torch
 from .. import _library
 from .._backend import resolve_backend
 from .._checks import FLOAT_DTYPES, check_index_pool, check_lengths, check_range, check_tensor
+from .bc_forms import check_bc
 from .cpu import cpu_scan_unavailable
 from .ops import SELECTIVE_SCAN, SELECTIVE_SCAN_FINAL, SELECTIVE_STATE_UPDATE, scan_backend
 from .reference import last_positions, selective_scan_final_ref, selective_scan_ref, selective_state_update_ref
@@ -48,20 +50,38 @@ def _kernel_dtypes_ok(op: str, backend: str, chosen: str, named: dict) -> bool:
     return True
 
 
+def _cpu_kernel_takes_forms(op: str, backend: str, B, C) -> bool:
+    """Whether the compiled CPU scan takes these forms of B and C: per sequence and grouped, not
+    time-invariant (its lanes are channels sharing one B/C value per step). "auto" then runs the
+    reference; an explicit backend="cpu" raises."""
+    for name, X in (("B", B), ("C", C)):
+        if X.dim() == 2:
+            if backend == "cpu":
+                raise ValueError(f"{op}: backend='cpu' does not take a time-invariant {name} (dim, N) (its "
+                                 f"kernels take {name} per sequence (batch, N, L) or grouped (batch, G, N, L)); "
+                                 "use backend='torch' or 'auto', which runs the reference for this form")
+            return False
+    return True
+
+
 def _check_scan_inputs(op, u, delta, A, B, C, D, z, delta_bias, lengths) -> None:
     """Shapes, dtypes and devices of the scan's inputs (DESIGN §2.1); errors name the argument."""
     check_tensor(op, "u", u, ndim=3)
     batch, dim, L = u.shape
     dev = u.device
     check_tensor(op, "delta", delta, shape=(batch, dim, L), device=dev)
+    if isinstance(A, torch.Tensor) and A.is_complex():
+        raise TypeError(f"{op}: A is {str(A.dtype).replace('torch.', '')}; complex A (mamba_ssm's complex "
+                        "state, with B/C as interleaved real/imaginary pairs) is not supported: A must be real "
+                        "float32 or float64")
     check_tensor(op, "A", A, ndim=2, dtypes=_A_DTYPES, device=dev)
     if A.shape[0] != dim:
         raise ValueError(f"{op}: A must have shape (dim={dim}, N), got {tuple(A.shape)}")
     N = A.shape[1]
     if N < 1:
         raise ValueError(f"{op}: A must have at least one state (N >= 1), got shape {tuple(A.shape)}")
-    check_tensor(op, "B", B, shape=(batch, N, L), device=dev)
-    check_tensor(op, "C", C, shape=(batch, N, L), device=dev)
+    check_bc(op, "B", B, batch, dim, N, L, dev)
+    check_bc(op, "C", C, batch, dim, N, L, dev)
     if D is not None:
         check_tensor(op, "D", D, shape=(dim,), device=dev)
     if z is not None:
@@ -86,15 +106,23 @@ def selective_scan(
     lengths: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ):
-    """Selective scan, a drop-in for mamba_ssm's ``selective_scan_fn`` (real A, B/C per batch and step).
+    """Selective scan, a drop-in for mamba_ssm's ``selective_scan_fn`` with real A.
 
-    u, delta, z: (batch, dim, L); A: (dim, N) real fp32/fp64; B, C: (batch, N, L); D, delta_bias: (dim,);
-    lengths: (batch,) integers in [0, L] — steps t >= length are the identity, so the last state is
-    the state after each sequence's own last item.
+    u, delta, z: (batch, dim, L); A: (dim, N) real fp32/fp64 (complex A raises TypeError);
+    D, delta_bias: (dim,); lengths: (batch,) integers in [0, L] — steps t >= length are the identity,
+    so the last state is the state after each sequence's own last item.
+    B and C, each in one of three forms (``bc_forms.py``; they may differ):
+    (batch, N, L) per sequence; grouped (batch, G, N, L) with dim % G == 0, channel d reading group
+    d // (dim / G); time-invariant (dim, N), each channel's own row at every step.
+    Their gradients come back in the same form: grouped dB sums the group's channels, time-invariant
+    dB sums over the batch and time.
 
     Δ = delta (+ delta_bias) (→ softplus); h_t = exp(Δ_t·A)·h_{t-1} + Δ_t·u_t·B_t (h_0 = 0, fp32);
     y_t = Σ_n h_t·C_t; out = y + D·u; out ← out·silu(z). Returns out in u's dtype, or (out, last_state)
     with last_state (batch, dim, N) fp32 (fp64 for fp64 inputs) when ``return_last_state``.
+
+    Backends: every form runs on "torch" and "triton"; the compiled CPU kernels ("cpu") take B and C
+    per sequence or grouped — with a time-invariant one "auto" runs the reference and "cpu" raises.
     """
     op = "selective_scan"
     _check_scan_inputs(op, u, delta, A, B, C, D, z, delta_bias, lengths)
@@ -105,7 +133,7 @@ def selective_scan(
     grad = _library.needs_grad(u, delta, A, B, C, D, z, delta_bias)
     out, last, _ = _library.call(
         SELECTIVE_SCAN, u, delta, A, B, C, D, z, delta_bias, lengths, delta_softplus,
-        return_last_state, grad, scan_backend(chosen, u.shape[0], u.shape[1], u.shape[2], grad))
+        return_last_state, grad, scan_backend(chosen, u.shape[0], u.shape[1], u.shape[2], grad, (B, C)))
     return (out, last) if return_last_state else out
 
 
@@ -115,6 +143,8 @@ def _chosen_backend(op, backend, u, delta, A, B, C, D, z, delta_bias) -> str:
     chosen = resolve_backend(backend, op, u, delta, A, B, C, cpu_kernel=cpu_scan_unavailable)
     named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
     if chosen in ("triton", "cpu") and not _kernel_dtypes_ok(op, backend, chosen, named):
+        return "torch"
+    if chosen == "cpu" and not _cpu_kernel_takes_forms(op, backend, B, C):
         return "torch"
     return chosen
 
@@ -135,7 +165,7 @@ def selective_scan_final(
     """The selective scan's output at each sequence's LAST step, and the final state — all that
     last-position inference (scoring the next item) needs from the last layer.
 
-    Same inputs and semantics as ``selective_scan``; returns ``(out_last, last_state)`` with
+    Same inputs, B/C forms and semantics as ``selective_scan``; returns ``(out_last, last_state)`` with
     out_last (batch, dim) in u's dtype equal to ``selective_scan(...)[b, :, lengths[b] - 1]``
     (position L - 1 without ``lengths``) and last_state (batch, dim, N) as with
     ``return_last_state``. ``lengths`` must be >= 1. The per-step outputs y_t = <h_t, C_t> are never
@@ -153,11 +183,11 @@ def selective_scan_final(
         # the differentiable path: the whole scan (with its residual), then the last steps
         out, last, _ = _library.call(
             SELECTIVE_SCAN, u, delta, A, B, C, D, z, delta_bias, lengths, delta_softplus,
-            True, True, scan_backend(chosen, batch, dim, L, True))
+            True, True, scan_backend(chosen, batch, dim, L, True, (B, C)))
         idx = last_positions(lengths, batch, L, u.device)
         return out[torch.arange(batch, device=u.device), :, idx], last
     return _library.call(SELECTIVE_SCAN_FINAL, u, delta, A, B, C, D, z, delta_bias, lengths,
-                         delta_softplus, scan_backend(chosen, batch, dim, L, False))
+                         delta_softplus, scan_backend(chosen, batch, dim, L, False, (B, C)))
 
 
 def selective_state_update(

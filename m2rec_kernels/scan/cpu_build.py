@@ -1,11 +1,13 @@
-"""Build the compiled CPU selective scan: ``python -m m2rec_kernels.scan.cpu_build [--force]``.
+"""Build the compiled CPU kernels (the selective scan and the causal depthwise conv1d in front of it):
+``python -m m2rec_kernels.scan.cpu_build [--force]``.
 
 Set-up (``python3 tasks.py setup`` / ``test`` / ``bench``) runs it; it returns at once when the library
 is up to date, so a first call never compiles. The result goes to ``m2rec_kernels/scan/_cpu_lib/``
 (gitignored; ``M2REC_CPU_SCAN_LIB`` points elsewhere):
 
-* ``m2rec_scan_cpu.so`` — the ops ``torch.ops.m2rec_scan_cpu.*`` (``csrc/scan_ops.cpp``) linked with one
-  object per ISA variant of the kernels (``csrc/scan_isa.cpp`` compiled with that ISA's flags, the way
+* ``m2rec_scan_cpu.so`` — the ops ``torch.ops.m2rec_scan_cpu.*`` (``csrc/scan_ops.cpp``) and
+  ``torch.ops.m2rec_conv_cpu.*`` (``csrc/conv_ops.cpp``, used by ``m2rec_kernels.conv``) linked with one
+  object per ISA variant of the kernels (``csrc/scan_isa.cpp``, ``csrc/conv_isa.cpp`` compiled with that ISA's flags, the way
   ATen builds its CPU kernels once per CPU_CAPABILITY): ``avx512`` and ``avx2`` on x86-64, and
   ``generic`` (the baseline ISA: SSE2 on x86-64) everywhere. The variant is chosen at run time
   (``cpu.py``), so one build runs on any x86-64 CPU, Intel or AMD.
@@ -38,7 +40,11 @@ from typing import Dict, List, Optional
 HERE = Path(__file__).resolve().parent
 CSRC = HERE / "csrc"
 LIB_NAME = "m2rec_scan_cpu"
-SOURCES = ("scan_api.h", "simd.h", "scan_isa.cpp", "scan_ops.cpp")
+SOURCES = ("scan_api.h", "simd.h", "scan_isa.cpp", "scan_ops.cpp", "cpu_isa.h", "conv_api.h", "conv_isa.cpp",
+           "conv_ops.cpp")
+#: per-ISA kernel files (no torch header, compiled with plain c++) and the torch-facing ops files
+KERNEL_SOURCES = ("scan_isa.cpp", "conv_isa.cpp")
+OPS_SOURCES = ("scan_ops.cpp", "conv_ops.cpp")
 
 # Flags per ISA variant of scan_isa.cpp. AVX-512 needs F/DQ/BW/VL and FMA, the set torch's own AVX512
 # capability requires (so ATEN_CPU_CAPABILITY=avx512 never picks it on a CPU without them).
@@ -100,13 +106,13 @@ def up_to_date() -> bool:
     return m is not None and m.get("key") == build_key()
 
 
-def _compile_kernel(cxx: str, variant: str, flags: List[str], out_dir: Path) -> Path:
-    obj = out_dir / f"scan_{variant}.o"
-    cmd = [cxx, *KERNEL_FLAGS, f"-DM2REC_ISA_{variant.upper()}", *flags, "-c", str(CSRC / "scan_isa.cpp"),
+def _compile_kernel(cxx: str, source: str, variant: str, flags: List[str], out_dir: Path) -> Path:
+    obj = out_dir / f"{Path(source).stem}_{variant}.o"
+    cmd = [cxx, *KERNEL_FLAGS, f"-DM2REC_ISA_{variant.upper()}", *flags, "-c", str(CSRC / source),
            "-o", str(obj)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"compiling the {variant} kernels failed:\n$ {' '.join(cmd)}\n{res.stderr[-4000:]}")
+        raise RuntimeError(f"compiling the {variant} kernels of {source} failed:\n$ {' '.join(cmd)}\n{res.stderr[-4000:]}")
     return obj
 
 
@@ -123,14 +129,15 @@ def build(verbose: bool = False) -> dict:
     try:
         with tempfile.TemporaryDirectory(dir=out, prefix="build-") as tmp:
             tmp_dir = Path(tmp)
-            with ThreadPoolExecutor(max_workers=len(built)) as pool:
-                objs = list(pool.map(lambda kv: _compile_kernel(cxx, kv[0], kv[1], tmp_dir), built.items()))
+            jobs = [(src, variant, flags) for src in KERNEL_SOURCES for variant, flags in built.items()]
+            with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+                objs = list(pool.map(lambda job: _compile_kernel(cxx, *job, tmp_dir), jobs))
             t_kernels = time.time() - t0
             from torch.utils import cpp_extension
 
             defines = [f"-DM2REC_HAVE_{v.upper()}" for v in built if v != "generic"]
             cpp_extension.load(
-                name=LIB_NAME, sources=[str(CSRC / "scan_ops.cpp")], extra_cflags=["-O3", *defines],
+                name=LIB_NAME, sources=[str(CSRC / src) for src in OPS_SOURCES], extra_cflags=["-O3", *defines],
                 extra_ldflags=[str(o) for o in objs], build_directory=str(tmp_dir), is_python_module=False,
                 verbose=verbose,
             )

@@ -3,21 +3,24 @@
 Two kernel families (DESIGN §4):
 
 * time-parallel (``parallel_kernels.py``, mamba's CUDA design): one program per (sequence, channel),
-  tiles of up to 2048 steps, a loop over states with an associative scan along time. It is the
-  default.
+  tiles of up to 512 steps on a GPU (``parallel_config_gpu``), a loop over states with an associative
+  scan along time. It is the default.
 * sequential (``kernels.py``): one program per (sequence, block of channels) walks time with all N
   states in registers. It is kept where it wins and for determinism.
 
 The rule (``use_time_parallel``), from the sm_90 compile of both (``python -m bench.kernel_stats``;
-no GPU was lent to time them): the sequential forward is the cheaper in instructions (0.41 warp
-instructions per element on one warp against 0.65-0.71), but each program is one warp walking L
-dependent steps of ~420 instructions, with batch × dim / 32 programs; the time-parallel kernel runs
-batch × dim programs whose dependent chain is N scan passes (~40 instructions at a 16-step tile, 143
-at 256). So the sequential kernel wins only when L is short AND there are enough channels for the
+no GPU was lent to time them): at short L the sequential forward is the cheaper in instructions
+(0.41 warp instructions per element on one warp against 1.5 for the time-parallel one at L 32, whose
+tile of 32 steps holds one step per thread; 0.34-0.58 at L 200-2000), but each program is one warp
+walking L dependent steps of ~420 instructions, with batch × dim / 32 programs; the time-parallel
+kernel runs batch × dim programs whose dependent chain is N scan passes (~45 instructions at a 16-
+or 32-step tile, 117 at 256). So the sequential kernel wins only when L is short AND there are enough channels for the
 time-parallel kernel to be throughput-bound: L <= SEQUENTIAL_MAX_L (32) and batch × dim >=
 SEQUENTIAL_MIN_CHANNELS (4096; e.g. batch 64 × d_inner 128 at L 32: ~13.5k cycles of one warp's
 issue against ~24k cycles of the whole GPU's for the parallel kernel; at batch 1 the parallel kernel
-wins by spreading 128 programs over the SMs). Everything else runs time-parallel. Under
+wins by spreading 128 programs over the SMs). Everything else runs time-parallel, and so do
+grouped and time-invariant B/C at every L (``bc_forms.py``; the sequential backward spills 8 bytes
+with them at N 32, the time-parallel kernels take them at the cost of the per-sequence form). Under
 ``torch.use_deterministic_algorithms(True)``, a call that needs gradients runs the sequential
 kernels (whose reductions are all deterministic partial sums): the time-parallel backward adds dB
 and dC with atomics.
@@ -71,31 +74,98 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def use_time_parallel(batch: int, dim: int, L: int, needs_grad: bool = False) -> bool:
-    """Whether the time-parallel kernels run this call (the rule in the module docstring)."""
+def use_time_parallel(batch: int, dim: int, L: int, needs_grad: bool = False, bcs=()) -> bool:
+    """Whether the time-parallel kernels run this call (the rule in the module docstring).
+
+    ``bcs``: B and C. The sequential kernels' share at short L is for B and C per sequence only: a
+    grouped or time-invariant B/C runs time-parallel, where it costs nothing (sm_90: 0.39 warp
+    instructions per element forward, 1.05 backward at L 2000, no spills), while the sequential
+    backward spills with it (8 bytes at N 32). Under deterministic algorithms every form runs
+    sequential, grouped ones on channel blocks shrunk to lie in one group (``_fit_groups``)."""
     if needs_grad and torch.are_deterministic_algorithms_enabled():
         return False
+    if any(X.dim() != 3 for X in bcs):
+        return True
     return not (L <= SEQUENTIAL_MAX_L and batch * dim >= SEQUENTIAL_MIN_CHANNELS)
+
+
+def group_sizes(dim: int, *bcs: torch.Tensor) -> tuple:
+    """dim / G of each grouped (4-D) B / C."""
+    return tuple(dim // X.shape[1] for X in bcs if X.dim() == 4)
+
+
+def _fit_groups(block_d: int, dim: int, B: torch.Tensor, C: torch.Tensor) -> int:
+    """The sequential kernels' channel block: the largest power of two <= ``block_d`` that divides the
+    channels per group of every grouped B / C, so that each block lies in one group."""
+    for gs in group_sizes(dim, B, C):
+        if gs > 0:
+            block_d = min(block_d, gs & -gs)
+    return block_d
 
 
 def parallel_tile(L: int) -> int:
     return max(16, min(MAX_TILE, triton.next_power_of_2(max(L, 1))))
 
 
-def parallel_fwd_config_gpu(L: int):
-    """(TILE, BLOCK_D, num_warps) of the time-parallel forward. One channel per program (the most
-    programs: batch 1 still fills 128 SMs) and 16 steps per thread: compiled for sm_90 the loop over
-    states then costs 0.69 warp instructions per element at L 2000 (4 warps, 150 registers) and
-    0.72 at L 200 (tile 256, 1 warp, padding included); 8 steps per thread on 8 warps cost 0.91."""
-    tile = parallel_tile(L)
-    return tile, 1, max(1, tile // 512)
+#: Longest time tile of the time-parallel kernels on a GPU (one warp: 16 steps per thread).
+GPU_MAX_TILE = 512
 
 
-def parallel_bwd_config_gpu(L: int):
-    """(TILE, BLOCK_D, num_warps) of the time-parallel backward: ~8 steps per thread, which keeps its
-    ~20 live tiles under 255 registers without spills (compiled for sm_90)."""
-    tile = parallel_tile(L)
-    return tile, 1, max(1, tile // 256)
+def parallel_config_gpu(L: int):
+    """(TILE, BLOCK_D, num_warps) of the time-parallel forward and backward on a GPU — one rule for
+    both, since the backward restarts each tile from the state the forward stored at its end.
+
+    One channel and one warp per program, and tiles of up to GPU_MAX_TILE = 512 steps: 16 consecutive
+    steps per thread (8 at L 200, whose tile is 256), and L > 512 runs as several tiles with the state
+    carried between them (L 2000: 4 tiles). Compiled for sm_90 (triton 3.9, ``python -m
+    bench.kernel_stats``; warp instructions per (d, n, t) element of the loop over states, programs
+    per SM by registers):
+
+    ========================  ===============  ====================================
+    L 2000                    forward          backward
+    ========================  ===============  ====================================
+    TILE 2048, 8 warps        —                2.12, 1 / SM (8 steps per thread)
+    TILE 2048, 4 warps        0.44, 4 / SM     1.48, 2 / SM
+    TILE 1024, 2 warps        0.47, 8 / SM     1.37, 4 / SM
+    TILE 512, 1 warp (rule)   0.41, 16 / SM    1.06, 8 / SM
+    TILE 256, 1 warp          0.55, 24 / SM    1.31, 12 / SM (8 steps per thread)
+    ========================  ===============  ====================================
+
+    Every choice issues (warp instructions per element) × batch·dim·N·L instructions in all (batch
+    64: 8192 programs, 3.9 waves of 16 per SM for the forward, 7.8 waves of 8 for the backward), so
+    the rule takes the fewest instructions per element and, among near ties, the most programs per
+    SM to hide latency. More warps per tile add a combine across warps through shared memory to
+    every scan; shorter tiles spend more of each scan on its steps across lanes (five shuffle rounds
+    per 8 or 16 steps per thread). The backward at tile 512 needs ~230 registers (8 programs of one
+    warp per SM, as many warps as the 8-warp tile it replaced, which ran one program per SM in
+    lock-step); at tile 256 it fits 12 per SM but issues 23% more instructions, and the forward 33%
+    more."""
+    tile = min(GPU_MAX_TILE, parallel_tile(L))
+    return tile, 1, 1
+
+
+def _triton_version() -> tuple:
+    parts = []
+    for piece in triton.__version__.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+#: How the time-parallel backward runs its reverse scan (its kernel's FLIP_BY_GATHER). Triton's
+#: ``associative_scan(..., reverse=True)`` flips the tile in and out; compiled for sm_90 that flip
+#: is one warp shuffle per step a thread holds from triton 3.9 on, but about five before (3.6-3.8:
+#: 146-266 shuffles per state at L 200-2000, ~40% of the backward's instructions). Before 3.9 the
+#: kernel flips the tile itself (``parallel_kernels._flip_steps``: reshape / split / join and one
+#: gather) and runs a forward scan; on 3.9 that form costs more than the native one (1.39 against
+#: 1.05 warp instructions per element at L 2000), so it runs there only if set here.
+FLIP_BY_GATHER = _triton_version() < (3, 9)
+
+
+def thread_steps(tile: int, num_warps: int) -> int:
+    """Consecutive steps each thread holds in the time-parallel kernels' tiles (their layout anchor
+    makes it up to 16); the kernels' reshapes are written for it, and need a multiple of 4."""
+    return max(4, min(16, tile // (32 * num_warps)))
 
 
 def fwd_config_gpu(batch: int, dim: int, N: int, sms: int):
@@ -167,10 +237,25 @@ def _time_strided(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 SEQUENTIAL_BWD_MAXNREG = None
 
 
+def _sequential_bc(X: torch.Tensor, dim: int):
+    """(tensor, batch stride, group stride, channels per group, form) of B or C for the sequential
+    kernels: contiguous (batch, N, L) or (batch, G, N, L), or a time-invariant (dim, N) transposed
+    to (N, dim) like A."""
+    if X.dim() == 2:
+        return X.t().contiguous(), 0, 0, 1, 2
+    X = X.contiguous()
+    if X.dim() == 3:
+        return X, 0, 0, 1, 0
+    return X, X.stride(0), X.stride(1), max(dim // X.shape[1], 1), 1
+
+
 def _sequential_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, store_last, store_ckpt):
     batch, dim, L = u.shape
     N = A.shape[1]
     (BLOCK_D, num_warps), BLOCK_N, CHUNK = _fwd_config(batch, dim, N, u.device), _block_n(N), _chunk(L)
+    BLOCK_D = _fit_groups(BLOCK_D, dim, B, C)
+    B, s_B_b, s_B_g, B_gs, B_FORM = _sequential_bc(B, dim)
+    C, s_C_b, s_C_g, C_gs, C_FORM = _sequential_bc(C, dim)
     n_chunks = triton.cdiv(L, CHUNK)
     alloc = torch.zeros if batch * dim == 0 else torch.empty  # the kernel writes all of them
     out = torch.empty_like(u)
@@ -185,11 +270,11 @@ def _sequential_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, len
         dummy if D is None else D, dummy if z is None else z,
         dummy if delta_bias is None else delta_bias, dummy if lengths is None else lengths,
         out, dummy if last is None else last, dummy if ckpt is None else ckpt,
-        dim, L, N, n_chunks,
+        dim, L, N, n_chunks, s_B_b, s_B_g, s_C_b, s_C_g, B_gs, C_gs,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, HAS_LENGTHS=lengths is not None,
         STORE_LAST=store_last, STORE_CKPT=store_ckpt,
-        CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, num_warps=num_warps,
+        CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, B_FORM=B_FORM, C_FORM=C_FORM, num_warps=num_warps,
     )
     return out, last, ckpt
 
@@ -198,6 +283,10 @@ def _sequential_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, le
     batch, dim, L = u.shape
     N = A.shape[1]
     (BLOCK_D, num_warps), BLOCK_N, CHUNK = _bwd_config(N, u.device), _block_n(N), _chunk(L)
+    BLOCK_D = _fit_groups(BLOCK_D, dim, B, C)
+    B_in, C_in = B, C
+    B, s_B_b, s_B_g, B_gs, B_FORM = _sequential_bc(B, dim)
+    C, s_C_b, s_C_g, C_gs, C_FORM = _sequential_bc(C, dim)
     n_chunks = triton.cdiv(L, CHUNK)
     n_dblocks = triton.cdiv(dim, BLOCK_D)
     dev, f32 = u.device, torch.float32
@@ -208,8 +297,9 @@ def _sequential_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, le
     dz = torch.empty_like(z) if z is not None else None
     scratch = torch.empty(batch, CHUNK, N, dim, device=dev, dtype=f32)
     dA_part = alloc(batch, N, dim, device=dev, dtype=f32)
-    dB_part = alloc(n_dblocks, batch, N, L, device=dev, dtype=f32)
-    dC_part = alloc(n_dblocks, batch, N, L, device=dev, dtype=f32)
+    # per channel block and step, or per sequence for a time-invariant B / C (summed over time)
+    dB_part = alloc(*((batch, N, dim) if B_FORM == 2 else (n_dblocks, batch, N, L)), device=dev, dtype=f32)
+    dC_part = alloc(*((batch, N, dim) if C_FORM == 2 else (n_dblocks, batch, N, L)), device=dev, dtype=f32)
     dD_part = alloc(batch, dim, device=dev, dtype=f32) if D is not None else None
     dbias_part = alloc(batch, dim, device=dev, dtype=f32) if delta_bias is not None else None
     dummy = dA_part  # stands in for absent optional pointers (never touched: the flag is off)
@@ -225,26 +315,63 @@ def _sequential_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, le
             du, ddelta, dummy if dz is None else dz,
             dA_part, dB_part, dC_part,
             dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
-            batch, dim, L, N, n_chunks,
+            batch, dim, L, N, n_chunks, s_B_b, s_B_g, s_C_b, s_C_g, B_gs, C_gs,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=delta_softplus, HAS_LENGTHS=lengths is not None, HAS_DLAST=dlast is not None,
-            CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, num_warps=num_warps, **extra,
+            CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, B_FORM=B_FORM, C_FORM=C_FORM, num_warps=num_warps,
+            **extra,
         )
     # Deterministic host reductions of the per-program partials (fixed order, no atomics).
     dA = dA_part.sum(0).t()
-    dB = dB_part.sum(0)
-    dC = dC_part.sum(0)
+    dB = _sequential_bc_grad(dB_part, B_in, batch, N, L)
+    dC = _sequential_bc_grad(dC_part, C_in, batch, N, L)
     dD = None if D is None else dD_part.sum(0)
     dbias = None if delta_bias is None else dbias_part.sum(0)
     return du, ddelta, dz, dA, dB, dC, dD, dbias
 
 
+def _sequential_bc_grad(part: torch.Tensor, X: torch.Tensor, batch: int, N: int, L: int) -> torch.Tensor:
+    """dB or dC in X's form from the sequential backward's partials: (batch, N, dim) per sequence
+    (time-invariant X: Σ_b, transposed), or (n_dblocks, batch, N, L) per channel block, whose blocks
+    are summed per group (the blocks of a group are consecutive and equally many)."""
+    if X.dim() == 2:
+        return part.sum(0).t()
+    if X.dim() == 3:
+        return part.sum(0)
+    G = X.shape[1]
+    return part.view(G, part.shape[0] // G, batch, N, L).sum(1).permute(1, 0, 2, 3)
+
+
 # --------------------------------------------------------------------------- time-parallel kernels
 
-def _parallel_config(L: int, device: torch.device, backward: bool):
+def _parallel_config(L: int, device: torch.device):
     if triton_interpreter_enabled() or device.type != "cuda":
         return parallel_tile(L), INTERPRETER_BLOCK_D, 4
-    return (parallel_bwd_config_gpu if backward else parallel_fwd_config_gpu)(L)
+    return parallel_config_gpu(L)
+
+
+_ANCHORS = {}
+
+
+def _layout_anchor(device: torch.device, tile: int) -> torch.Tensor:
+    """int8 zeros, at least ``tile`` of them, 16-byte aligned: the pointer behind the time-parallel
+    kernels' layout anchor (see parallel_kernels; its load is masked off, so the buffer is never
+    read), allocated once per device."""
+    anchor = _ANCHORS.get(device)
+    if anchor is None or anchor.numel() < tile:
+        anchor = _ANCHORS[device] = torch.zeros(max(tile, MAX_TILE, 2048), device=device, dtype=torch.int8)
+    return anchor
+
+
+def _parallel_bc(X: torch.Tensor, dim: int):
+    """(batch stride, group or channel stride, state stride, channels per group, form, the strides
+    that ALIGN must divide) of B or C for the time-parallel kernels, which read it in place (unit
+    stride in time: ``_time_strided``)."""
+    if X.dim() == 2:  # time-invariant (dim, N): no time axis to align
+        return 0, X.stride(0), X.stride(1), 1, 2, ()
+    if X.dim() == 3:
+        return X.stride(0), 0, X.stride(1), 1, 0, X.stride()[:2]
+    return X.stride(0), X.stride(1), X.stride(2), max(dim // X.shape[1], 1), 1, X.stride()[:3]
 
 
 def _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths,
@@ -252,7 +379,7 @@ def _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengt
     """Returns (out or None, states (batch, n_tiles, dim, N) fp32 or None, out_last or None)."""
     batch, dim, L = u.shape
     N = A.shape[1]
-    TILE, BLOCK_D, num_warps = _parallel_config(L, u.device, backward=False)
+    TILE, BLOCK_D, num_warps = _parallel_config(L, u.device)
     n_tiles = max(1, triton.cdiv(L, TILE))
     store_states = store_states or last_out or n_tiles > 1  # several tiles carry the state through it
     dev = u.device
@@ -263,19 +390,23 @@ def _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengt
         return out, states, out_last  # nothing to launch: the states stay 0
     zz = u if z is None else z
     dummy = u  # stands in for absent optional pointers (never read: the flag is off)
-    ALIGN = _alignment(L, u.dtype, *u.stride()[:2], *delta.stride()[:2], *zz.stride()[:2], *B.stride()[:2],
-                       *C.stride()[:2], dim * L)
+    s_B_b, s_B_g, s_B_n, B_gs, B_FORM, B_align = _parallel_bc(B, dim)
+    s_C_b, s_C_g, s_C_n, C_gs, C_FORM, C_align = _parallel_bc(C, dim)
+    ALIGN = _alignment(L, u.dtype, *u.stride()[:2], *delta.stride()[:2], *zz.stride()[:2], *B_align,
+                       *C_align, dim * L)
     selective_scan_parallel_fwd_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
         u, delta, A, B, C, dummy if D is None else D, zz,
         dummy if delta_bias is None else delta_bias, dummy if lengths is None else lengths,
+        _layout_anchor(dev, TILE),
         dummy if out is None else out, dummy if states is None else states, dummy if out_last is None else out_last,
         dim, L, N, n_tiles,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), dim * L, L,
-        B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        s_B_b, s_B_n, s_C_b, s_C_n, s_B_g, s_C_g, B_gs, C_gs,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_LENGTHS=lengths is not None, STORE_OUT=store_out, STORE_STATES=store_states,
         STORE_LAST_OUT=last_out, MULTI_TILE=n_tiles > 1,
-        ALIGN=ALIGN, TILE=TILE, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(N), num_warps=num_warps,
+        ALIGN=ALIGN, TILE=TILE, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(N), B_FORM=B_FORM, C_FORM=C_FORM,
+        num_warps=num_warps,
     )
     return out, states, out_last
 
@@ -283,14 +414,15 @@ def _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengt
 def _parallel_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, states, dout, dlast):
     batch, dim, L = u.shape
     N = A.shape[1]
-    TILE, BLOCK_D, num_warps = _parallel_config(L, u.device, backward=True)
+    TILE, BLOCK_D, num_warps = _parallel_config(L, u.device)
     n_tiles = max(1, triton.cdiv(L, TILE))
     dev, f32 = u.device, torch.float32
     du = torch.empty(batch, dim, L, device=dev, dtype=u.dtype)
     ddelta = torch.empty(batch, dim, L, device=dev, dtype=delta.dtype)
     dz = torch.empty(batch, dim, L, device=dev, dtype=z.dtype) if z is not None else None
-    dB = torch.zeros(batch, N, L, device=dev, dtype=f32)
-    dC = torch.zeros(batch, N, L, device=dev, dtype=f32)
+    # dB, dC: (batch, N, L) / (batch, G, N, L) added to atomically, or time-invariant partials
+    dB, dC = (torch.zeros(batch, n_tiles, dim, N, device=dev, dtype=f32) if X.dim() == 2 else
+              torch.zeros(X.shape[:-1] + (L,), device=dev, dtype=f32) for X in (B, C))
     dA_part = torch.zeros(batch, n_tiles, dim, N, device=dev, dtype=f32)
     dD_part = torch.zeros(batch, n_tiles, dim, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.zeros(batch, n_tiles, dim, device=dev, dtype=f32) if delta_bias is not None else None
@@ -304,21 +436,29 @@ def _parallel_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, leng
         zz = u if z is None else z
         dummy = dA_part
         # the kernel's time tiles are re-read from the states of the forward only with several tiles
+        s_B_b, s_B_g, s_B_n, B_gs, B_FORM, B_align = _parallel_bc(B, dim)
+        s_C_b, s_C_g, s_C_n, C_gs, C_FORM, C_align = _parallel_bc(C, dim)
         ALIGN = _alignment(L, u.dtype, *u.stride()[:2], *delta.stride()[:2], *zz.stride()[:2], *dout.stride()[:2],
-                           *B.stride()[:2], *C.stride()[:2], dim * L, N * L)
+                           *B_align, *C_align, dim * L, N * L)
         selective_scan_parallel_bwd_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
             u, delta, A, B, C, dummy if D is None else D, zz,
             dummy if delta_bias is None else delta_bias, dummy if lengths is None else lengths,
+            _layout_anchor(dev, TILE),
             dout, dummy if states is None else states, dummy if dstate is None else dstate,
             du, ddelta, du if dz is None else dz, dB, dC, dA_part,
             dummy if dD_part is None else dD_part, dummy if dbias_part is None else dbias_part,
             batch, dim, L, N, n_tiles,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-            dout.stride(0), dout.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+            dout.stride(0), dout.stride(1), s_B_b, s_B_n, s_C_b, s_C_n, s_B_g, s_C_g, B_gs, C_gs,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_LENGTHS=lengths is not None, HAS_DSTATE=has_dstate, MULTI_TILE=n_tiles > 1,
-            ALIGN=ALIGN, TILE=TILE, BLOCK_D=BLOCK_D, num_warps=num_warps,
+            ALIGN=ALIGN, TILE=TILE, BLOCK_D=BLOCK_D, THREAD_STEPS=thread_steps(TILE, num_warps),
+            FLIP_BY_GATHER=FLIP_BY_GATHER, B_FORM=B_FORM, C_FORM=C_FORM, num_warps=num_warps,
         )
+    if B.dim() == 2:  # time-invariant: Σ over the batch and the tiles, on the host (deterministic)
+        dB = dB.sum((0, 1))
+    if C.dim() == 2:
+        dC = dC.sum((0, 1))
     dA = dA_part.sum((0, 1))
     dD = None if D is None else dD_part.sum((0, 1))
     dbias = None if delta_bias is None else dbias_part.sum((0, 1))
@@ -332,7 +472,7 @@ class SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths):
         needs_grad = any(ctx.needs_input_grad)
         L = u.shape[2]
-        parallel = use_time_parallel(u.shape[0], u.shape[1], L, needs_grad)
+        parallel = use_time_parallel(u.shape[0], u.shape[1], L, needs_grad, (B, C))
         A, D, delta_bias, lengths = map(_contig, (A, D, delta_bias, lengths))
         if parallel:
             u, delta, z, B, C = map(_time_strided, (u, delta, z, B, C))
@@ -396,7 +536,7 @@ def selective_scan_final_triton(u, delta, A, B, C, D, z, delta_bias, delta_softp
     batch, dim, L = u.shape
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if not wants_grad and use_time_parallel(batch, dim, L):
+    if not wants_grad and use_time_parallel(batch, dim, L, bcs=(B, C)):
         u, delta, z, B, C = map(_time_strided, (u, delta, z, B, C))
         A, D, delta_bias, lengths = map(_contig, (A.float(), D, delta_bias, lengths))
         _, states, out_last = _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths,

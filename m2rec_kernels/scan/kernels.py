@@ -19,6 +19,11 @@ it recomputes the chunk's states from its checkpoint into a per-program fp32 scr
 as exp(ΔA) -> 0 — then walks the chunk in reverse with the §9 formulas. Reductions over channels
 (dB, dC) and over the batch (dA, dD, d(delta_bias)) go to per-program partial buffers that the
 host sums: deterministic, no atomics.
+
+B and C in the forms of ``bc_forms.py`` (constexpr B_FORM / C_FORM): grouped ones are read at the group
+of the program's channel block — the host picks blocks that lie in one group, and sums the dB / dC
+partials of a group's blocks; time-invariant ones are (BLOCK_D, BLOCK_N) tiles laid out like A,
+whose gradients accumulate over time in registers, also like A's.
 """
 import triton
 import triton.language as tl
@@ -71,16 +76,50 @@ def _channel_block(A_ptr, bias_ptr, D_ptr, lengths_ptr, pid_b, pid_d, dim, L, N,
     return offs_d, offs_n, mask_d, mask_n, mask_dn, tile, A, bias, Dv, length
 
 
+# The forms of B and C (bc_forms.py), as in parallel_kernels.py.
+PER_SEQ = tl.constexpr(0)
+GROUPED = tl.constexpr(1)
+INVARIANT = tl.constexpr(2)
+
+
+@triton.jit
+def _bc_base(ptr, pid_b, pid_d, N, L, s_b, s_g, group_size, FORM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """B's or C's pointer such that ``base + (pid_b·N + n)·L + t`` (the contiguous (batch, N, L) offset,
+    shared by B and C) is state n at step t: the pointer itself, or for a contiguous grouped
+    (batch, G, N, L) one moved to the group of this program's channel block (the host makes every
+    block lie in one group) — a scalar, so the offsets stay one shared vector (two spilled, sm_90)."""
+    if FORM == GROUPED:
+        return ptr + pid_b * s_b + ((pid_d * BLOCK_D) // group_size) * s_g - pid_b * N * L
+    else:
+        return ptr
+
+
+@triton.jit
+def _bc_step(ptr, bc, t, mask_n, tile, mask_dn, FORM: tl.constexpr):
+    """B or C at step t, fp32, broadcastable to the (BLOCK_D, BLOCK_N) state: a (1, BLOCK_N) row for
+    every channel, or the time-invariant (BLOCK_D, BLOCK_N) tile, given transposed (N, dim) like A.
+    The tile is loaded again at every step (a cache hit) rather than kept in registers: kept, the
+    sequential backward spilled (sm_90)."""
+    if FORM == INVARIANT:
+        return tl.load(ptr + tile, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        return tl.load(ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+
+
 @triton.jit
 def selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, lengths_ptr,
     out_ptr, last_ptr, ckpt_ptr,
     dim, L, N, n_chunks,
+    s_B_b, s_B_g, s_C_b, s_C_g, B_group_size, C_group_size,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, STORE_LAST: tl.constexpr, STORE_CKPT: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    B_FORM: tl.constexpr = 0, C_FORM: tl.constexpr = 0,
 ):
-    """Grid (batch, cdiv(dim, BLOCK_D)). u, delta, z, out: (batch, dim, L); B, C: (batch, N, L);
+    """Grid (batch, cdiv(dim, BLOCK_D)). u, delta, z, out: (batch, dim, L); B, C: (batch, N, L), or
+    in the form B_FORM / C_FORM: grouped (batch, G, N, L) with batch / group strides s_*_b, s_*_g and
+    *_group_size = dim / G a multiple of BLOCK_D, or time-invariant, given TRANSPOSED (N, dim);
     A: given TRANSPOSED, (N, dim); last: (batch, dim, N) fp32; ckpt: (batch, n_chunks, N, dim) fp32
     (state before step c·CHUNK). All contiguous."""
     pid_b = tl.program_id(0).to(tl.int64)
@@ -91,6 +130,8 @@ def selective_scan_fwd_kernel(
 
     row = (pid_b * dim + offs_d) * L  # (BLOCK_D,) start of each channel's sequence
     bc = (pid_b * N + offs_n) * L  # (BLOCK_N,)
+    B_base = _bc_base(B_ptr, pid_b, pid_d, N, L, s_B_b, s_B_g, B_group_size, B_FORM, BLOCK_D)
+    C_base = _bc_base(C_ptr, pid_b, pid_d, N, L, s_C_b, s_C_g, C_group_size, C_FORM, BLOCK_D)
     ckpt_seq = ckpt_ptr + pid_b * n_chunks * N * dim
 
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
@@ -101,10 +142,10 @@ def selective_scan_fwd_kernel(
         for t in range(t0, tl.minimum(t0 + CHUNK, L)):
             dt, _ = _step_delta(delta_ptr, bias, row, t, mask_d, t < length, HAS_BIAS, SOFTPLUS)
             u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            B_t = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-            C_t = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u_t)[:, None] * B_t[None, :]
-            y = tl.sum(h * C_t[None, :], axis=1)
+            B_t = _bc_step(B_base, bc, t, mask_n, tile, mask_dn, B_FORM)
+            C_t = _bc_step(C_base, bc, t, mask_n, tile, mask_dn, C_FORM)
+            h = tl.exp(dt[:, None] * A) * h + (dt * u_t)[:, None] * B_t
+            y = tl.sum(h * C_t, axis=1)
             if HAS_D:
                 y += Dv * u_t
             if HAS_Z:
@@ -122,14 +163,18 @@ def selective_scan_bwd_kernel(
     du_ptr, ddelta_ptr, dz_ptr,
     dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
     batch, dim, L, N, n_chunks,
+    s_B_b, s_B_g, s_C_b, s_C_g, B_group_size, C_group_size,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_DLAST: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    B_FORM: tl.constexpr = 0, C_FORM: tl.constexpr = 0,
 ):
-    """Grid (batch, n_dblocks). Layouts as the forward (A as (N, dim), ckpt (batch, n_chunks, N, dim));
-    dlast: (batch, dim, N). Writes du, ddelta, dz (input dtypes) and fp32 partial sums: dA_part,
-    dD_part, dbias_part per sequence ((batch, N, dim), (batch, dim), (batch, dim)) and dB_part,
-    dC_part per channel block ((n_dblocks, batch, N, L)). scratch: (batch, CHUNK, N, dim)."""
+    """Grid (batch, n_dblocks). Layouts as the forward (A, time-invariant B/C as (N, dim), ckpt
+    (batch, n_chunks, N, dim)); dlast: (batch, dim, N). Writes du, ddelta, dz (input dtypes) and fp32
+    partial sums: dA_part, dD_part, dbias_part per sequence ((batch, N, dim), (batch, dim), (batch,
+    dim)) and dB_part, dC_part per channel block ((n_dblocks, batch, N, L); the blocks of one group
+    are consecutive) — or per sequence (batch, N, dim) for a time-invariant B / C. scratch: (batch,
+    CHUNK, N, dim)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d, offs_n, mask_d, mask_n, mask_dn, tile, A, bias, Dv, length = _channel_block(
@@ -138,6 +183,8 @@ def selective_scan_bwd_kernel(
 
     row = (pid_b * dim + offs_d) * L
     bc = (pid_b * N + offs_n) * L
+    B_base = _bc_base(B_ptr, pid_b, pid_d, N, L, s_B_b, s_B_g, B_group_size, B_FORM, BLOCK_D)
+    C_base = _bc_base(C_ptr, pid_b, pid_d, N, L, s_C_b, s_C_g, C_group_size, C_FORM, BLOCK_D)
     ckpt_seq = ckpt_ptr + pid_b * n_chunks * N * dim
     scratch_seq = scratch_ptr + pid_b * CHUNK * N * dim
     part_bc = ((pid_d * batch + pid_b) * N + offs_n) * L  # (BLOCK_N,) into (n_dblocks, batch, N, L)
@@ -147,6 +194,8 @@ def selective_scan_bwd_kernel(
         dlast_off = (pid_b * dim + offs_d[:, None]) * N + offs_n[None, :]  # (batch, dim, N) layout
         dh = tl.load(dlast_ptr + dlast_off, mask=mask_dn, other=0.0).to(tl.float32)
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dB_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # time-invariant B / C: Σ_t per channel
+    dC_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
 
@@ -160,8 +209,8 @@ def selective_scan_bwd_kernel(
             tl.store(scratch_seq + (t - t0) * N * dim + tile, h, mask=mask_dn)
             dt, _ = _step_delta(delta_ptr, bias, row, t, mask_d, t < length, HAS_BIAS, SOFTPLUS)
             u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            B_t = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u_t)[:, None] * B_t[None, :]
+            B_t = _bc_step(B_base, bc, t, mask_n, tile, mask_dn, B_FORM)
+            h = tl.exp(dt[:, None] * A) * h + (dt * u_t)[:, None] * B_t
         tl.debug_barrier()  # scratch written by all threads before it is read
         # 2) walk the chunk in reverse (DESIGN §9)
         for i in range(0, t1 - t0):
@@ -170,14 +219,14 @@ def selective_scan_bwd_kernel(
             h_prev = tl.load(scratch_seq + (t - t0) * N * dim + tile, mask=mask_dn, other=0.0)
             dt, x = _step_delta(delta_ptr, bias, row, t, mask_d, valid, HAS_BIAS, SOFTPLUS)
             u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
-            B_t = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-            C_t = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+            B_t = _bc_step(B_base, bc, t, mask_n, tile, mask_dn, B_FORM)
+            C_t = _bc_step(C_base, bc, t, mask_n, tile, mask_dn, C_FORM)
             dout = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             decay = tl.exp(dt[:, None] * A)
-            h_t = decay * h_prev + (dt * u_t)[:, None] * B_t[None, :]
+            h_t = decay * h_prev + (dt * u_t)[:, None] * B_t
             g = dout  # gradient reaching y + D·u
             if HAS_Z:
-                y = tl.sum(h_t * C_t[None, :], axis=1)
+                y = tl.sum(h_t * C_t, axis=1)
                 if HAS_D:
                     y += Dv * u_t
                 z_t = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
@@ -185,16 +234,22 @@ def selective_scan_bwd_kernel(
                 g = dout * z_t * sig
                 dz = dout * y * sig * (1.0 + z_t * (1.0 - sig))  # silu'(z) = σ(z)(1 + z(1 − σ(z)))
                 tl.store(dz_ptr + row + t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
-            dC_t = tl.sum(h_t * g[:, None], axis=0)
-            tl.store(dC_part_ptr + part_bc + t, dC_t, mask=mask_n)
-            dh += g[:, None] * C_t[None, :]
-            dh_B = tl.sum(dh * B_t[None, :], axis=1)
+            if C_FORM == INVARIANT:
+                dC_acc += h_t * g[:, None]
+            else:
+                dC_t = tl.sum(h_t * g[:, None], axis=0)
+                tl.store(dC_part_ptr + part_bc + t, dC_t, mask=mask_n)
+            dh += g[:, None] * C_t
+            dh_B = tl.sum(dh * B_t, axis=1)
             du = dt * dh_B
             if HAS_D:
                 du += Dv * g
                 dD_acc += g * u_t
-            dB_t = tl.sum(dh * (dt * u_t)[:, None], axis=0)
-            tl.store(dB_part_ptr + part_bc + t, dB_t, mask=mask_n)
+            if B_FORM == INVARIANT:
+                dB_acc += dh * (dt * u_t)[:, None]
+            else:
+                dB_t = tl.sum(dh * (dt * u_t)[:, None], axis=0)
+                tl.store(dB_part_ptr + part_bc + t, dB_t, mask=mask_n)
             dh_Eh = dh * decay * h_prev
             ddt = u_t * dh_B + tl.sum(dh_Eh * A, axis=1)
             dA_acc += dh_Eh * dt[:, None]
@@ -208,6 +263,10 @@ def selective_scan_bwd_kernel(
         tl.debug_barrier()  # scratch read by all threads before the next chunk overwrites it
 
     tl.store(dA_part_ptr + pid_b * N * dim + tile, dA_acc, mask=mask_dn)
+    if B_FORM == INVARIANT:
+        tl.store(dB_part_ptr + pid_b * N * dim + tile, dB_acc, mask=mask_dn)
+    if C_FORM == INVARIANT:
+        tl.store(dC_part_ptr + pid_b * N * dim + tile, dC_acc, mask=mask_dn)
     if HAS_D:
         tl.store(dD_part_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
     if HAS_BIAS:

@@ -13,6 +13,9 @@ reused, so memory is O(batch·dim·N·chunk) plus the outputs, in inference and 
   by exp(Δ·A)), walks the chunk in reverse with two in-place ops per step to get dL/dh_t, and forms
   every gradient of the chunk with batched ops.
 
+B and C take any of the forms of ``bc_forms.py`` (per sequence, grouped, time-invariant; mamba's
+reference takes the same), each independently; the backward returns dB, dC in their inputs' forms.
+
 The state is kept in fp32 (fp64 when A or u is fp64, so gradcheck works); outputs are in u's dtype.
 Inputs are assumed valid: the public functions in ``m2rec_kernels.scan`` check them.
 """
@@ -23,6 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from .bc_forms import as_grouped, bc_groups
 
 # Steps per chunk: bounds the (chunk, batch, dim, N) buffers while keeping exp, the input term and
 # the output contraction batched over the chunk.
@@ -67,8 +72,57 @@ def _delta_time_major(delta, delta_bias, delta_softplus, valid, t0, t1, dtype):
 
 
 def _time_major(x: torch.Tensor, t0: int, t1: int, dtype) -> torch.Tensor:
-    """x[:, :, t0:t1] of a (batch, *, L) tensor as a contiguous (T, batch, *) tensor."""
-    return x[:, :, t0:t1].permute(2, 0, 1).to(dtype).contiguous()
+    """x[..., t0:t1] of a (batch, ..., L) tensor as a contiguous (T, batch, ...) tensor."""
+    return x[..., t0:t1].movedim(-1, 0).to(dtype).contiguous()
+
+
+# B and C (bc_forms.py) enter the chunk's ops in one of two shapes: grouped, (T, b, G, N) per step
+# (the per-sequence form is G = 1: the same ops and cost as a plain (T, b, N)), or time-invariant, (d, N).
+# The three helpers below are the only places that tell them apart.
+
+def _bc_chunk(X: torch.Tensor, t0: int, t1: int, dtype) -> torch.Tensor:
+    """B or C for steps t0..t1: grouped (T, b, G, N) contiguous, or the time-invariant (d, N) itself."""
+    if X.dim() == 2:
+        return X.to(dtype)
+    return _time_major(as_grouped(X), t0, t1, dtype)
+
+
+def _mul_rows(x: torch.Tensor, X: torch.Tensor, out: torch.Tensor, add: Optional[torch.Tensor] = None) -> None:
+    """out (..., d, N) = [add +] x (..., d) ⊗ X, X broadcast over its channels: grouped (..., G, N), each
+    group's row to its d / G channels, or time-invariant (d, N)."""
+    if X.dim() == 2 or X.shape[-2] == 1:  # (d, N) or (..., 1, N): broadcast as they are
+        v, w, o, a = x.unsqueeze(-1), X, out, add
+    else:
+        G, N = X.shape[-2:]
+        d = x.shape[-1]
+        v, w = x.reshape(*x.shape[:-1], G, d // G, 1), X.unsqueeze(-2)
+        o = out.view(*out.shape[:-2], G, d // G, N)
+        a = None if add is None else add.view(o.shape)
+    if a is None:
+        torch.mul(v, w, out=o)
+    else:
+        torch.addcmul(a, v, w, out=o)
+
+
+def _sum_states(S: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """(..., d) = Σ_n S (..., d, N) · X, X as in ``_mul_rows``: batched matrix-vector products."""
+    d, N = S.shape[-2:]
+    if X.dim() == 2:
+        return torch.einsum("...dn,dn->...d", S, X)
+    G = X.shape[-2]
+    rows = S.shape[:-2].numel() * G  # explicit: -1 is ambiguous for empty tensors
+    return torch.bmm(S.reshape(rows, d // G, N), X.reshape(rows, N, 1)).view(S.shape[:-1])
+
+
+def _sum_channels(S: torch.Tensor, x: torch.Tensor, groups: Optional[int]) -> torch.Tensor:
+    """The gradient of a B/C chunk from S (T, b, d, N) and x (T, b, d): Σ_d S·x within each of its
+    ``groups`` (T, b, G, N), or Σ_{t,b} S·x for a time-invariant one (groups None): (d, N)."""
+    T, b, d, N = S.shape
+    if groups is None:
+        return torch.einsum("tbdn,tbd->dn", S, x)
+    G = groups
+    rows = T * b * G
+    return torch.bmm(S.reshape(rows, d // G, N).transpose(1, 2), x.reshape(rows, d // G, 1)).view(T, b, G, N)
 
 
 def _run_chunk(h0, dt, u_t, B_t, A, decay, states):
@@ -78,15 +132,9 @@ def _run_chunk(h0, dt, u_t, B_t, A, decay, states):
     torch.mul(dt.unsqueeze(-1), A, out=decay)
     decay.exp_()
     states[0].copy_(h0)
-    torch.mul((dt * u_t).unsqueeze(-1), B_t.unsqueeze(2), out=states[1:])  # Δ·u·B, then + exp(Δ·A)·h
+    _mul_rows(dt * u_t, B_t, out=states[1:])  # Δ·u·B, then + exp(Δ·A)·h
     for i in range(T):
         states[i + 1].addcmul_(decay[i], states[i])
-
-
-def _chunk_output(states_after: torch.Tensor, C_t: torch.Tensor) -> torch.Tensor:
-    """y (T, b, d) = Σ_n h·C for a chunk, as one batched matrix-vector product."""
-    T, b, d, N = states_after.shape
-    return torch.bmm(states_after.reshape(T * b, d, N), C_t.reshape(T * b, N, 1)).view(T, b, d)
 
 
 def _scan_forward(u, delta, A, B, C, delta_bias, delta_softplus, lengths, chunk, keep_checkpoints,
@@ -112,9 +160,9 @@ def _scan_forward(u, delta, A, B, C, delta_bias, delta_softplus, lengths, chunk,
             checkpoints.append(h)
         dt = _delta_time_major(delta, delta_bias, delta_softplus, valid, t0, t1, cdt)
         states = states_buf[: T + 1]
-        _run_chunk(h, dt, _time_major(u, t0, t1, cdt), _time_major(B, t0, t1, cdt), A_c, decay_buf[:T], states)
+        _run_chunk(h, dt, _time_major(u, t0, t1, cdt), _bc_chunk(B, t0, t1, cdt), A_c, decay_buf[:T], states)
         if compute_y:
-            y[t0:t1] = _chunk_output(states[1:], _time_major(C, t0, t1, cdt))
+            y[t0:t1] = _sum_states(states[1:], _bc_chunk(C, t0, t1, cdt))
         h = states[T].clone()  # the buffer is overwritten by the next chunk
     ckpt = torch.stack(checkpoints) if keep_checkpoints and checkpoints else None
     return (y.permute(1, 2, 0).contiguous() if compute_y else None), h, ckpt
@@ -159,12 +207,13 @@ class _SelectiveScanRefFn(torch.autograd.Function):
         decay_buf = torch.empty(T_max, batch, dim, N, dtype=cdt, device=dev)
         states_buf = torch.empty(T_max + 1, batch, dim, N, dtype=cdt, device=dev)
         dH_buf = torch.empty(T_max, batch, dim, N, dtype=cdt, device=dev)
-        # time-major results: (L, b, d) and (L, b, N)
+        # time-major results: (L, b, d)
         y_all = torch.empty(L, batch, dim, dtype=cdt, device=dev) if z is not None else None
         dhB_all = torch.empty(L, batch, dim, dtype=cdt, device=dev)  # Σ_n dh·B
         dEh_all = torch.empty(L, batch, dim, dtype=cdt, device=dev)  # Σ_n dh·A·exp(ΔA)·h_{t-1}
-        dB_all = torch.empty(L, batch, N, dtype=cdt, device=dev)
-        dC_all = torch.empty(L, batch, N, dtype=cdt, device=dev)
+        # dB, dC in their inputs' forms: time-major (L, b, G, N) per step, or (d, N) summed over b and t
+        dB_all, dC_all = (torch.zeros(dim, N, dtype=cdt, device=dev) if X.dim() == 2 else
+                          torch.empty(L, batch, bc_groups(X), N, dtype=cdt, device=dev) for X in (B, C))
         dA = torch.zeros(dim, N, dtype=cdt, device=dev)
 
         n_chunks = (L + chunk - 1) // chunk
@@ -173,22 +222,24 @@ class _SelectiveScanRefFn(torch.autograd.Function):
             T = t1 - t0
             dt = _delta_time_major(delta, delta_bias, ctx.delta_softplus, valid, t0, t1, cdt)
             u_t = _time_major(u, t0, t1, cdt)
-            B_t = _time_major(B, t0, t1, cdt)
-            C_t = _time_major(C, t0, t1, cdt)
+            B_t = _bc_chunk(B, t0, t1, cdt)
+            C_t = _bc_chunk(C, t0, t1, cdt)
             g_t = _time_major(g, t0, t1, cdt)
             decay, states, dH = decay_buf[:T], states_buf[: T + 1], dH_buf[:T]
             _run_chunk(ckpt[c], dt, u_t, B_t, A_c, decay, states)  # recompute the chunk's states
             after, before = states[1:], states[:-1]
             # reverse walk: dH[i] = dL/dh at step i (output term included); dh ← dH[i]·exp(Δ_i·A)
             for i in reversed(range(T)):
-                torch.addcmul(dh, g_t[i].unsqueeze(-1), C_t[i].unsqueeze(1), out=dH[i])
+                _mul_rows(g_t[i], C_t if C.dim() == 2 else C_t[i], out=dH[i], add=dh)
                 torch.mul(dH[i], decay[i], out=dh)
-            Tb = T * batch
             if y_all is not None:
-                y_all[t0:t1] = _chunk_output(after, C_t)
-            dC_all[t0:t1] = torch.bmm(after.reshape(Tb, dim, N).transpose(1, 2), g_t.reshape(Tb, dim, 1)).view(T, batch, N)
-            dhB_all[t0:t1] = torch.bmm(dH.reshape(Tb, dim, N), B_t.reshape(Tb, N, 1)).view(T, batch, dim)
-            dB_all[t0:t1] = torch.bmm(dH.reshape(Tb, dim, N).transpose(1, 2), (dt * u_t).reshape(Tb, dim, 1)).view(T, batch, N)
+                y_all[t0:t1] = _sum_states(after, C_t)
+            dhB_all[t0:t1] = _sum_states(dH, B_t)
+            for X, dX_all, S, x in ((C, dC_all, after, g_t), (B, dB_all, dH, dt * u_t)):
+                if X.dim() == 2:
+                    dX_all += _sum_channels(S, x, None)
+                else:
+                    dX_all[t0:t1] = _sum_channels(S, x, bc_groups(X))
             P = decay.mul_(dH).mul_(before)  # dh·exp(ΔA)·h_{t-1}, in the decay buffer (no longer needed)
             dEh_all[t0:t1] = (P * A_c).sum(-1)
             dA += P.mul_(dt.unsqueeze(-1)).sum((0, 1))
@@ -219,9 +270,15 @@ class _SelectiveScanRefFn(torch.autograd.Function):
             sig = torch.sigmoid(zc)
             dz = (dout * pre * sig * (1 + zc * (1 - sig))).to(z.dtype)  # silu'(z) = σ(1 + z(1 − σ))
         dbias = None if delta_bias is None else ddelta.sum((0, 2)).to(delta_bias.dtype)
+
+        def in_form(dX, X):  # (L, b, G, N) -> (b, G, N, L), and (b, N, L) for a per-sequence X
+            if X.dim() == 2:
+                return dX.to(X.dtype)
+            dX = dX.movedim(0, -1)
+            return (dX.squeeze(1) if X.dim() == 3 else dX).to(X.dtype)
+
         return (
-            du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype),
-            batch_major(dB_all).to(B.dtype), batch_major(dC_all).to(C.dtype),
+            du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), in_form(dB_all, B), in_form(dC_all, C),
             dD, dz, dbias, None, None, None,
         )
 
@@ -240,8 +297,9 @@ def selective_scan_ref(
     lengths: Optional[torch.Tensor] = None,
     chunk: int = DEFAULT_CHUNK,
 ):
-    """u, delta, z: (batch, dim, L); A: (dim, N); B, C: (batch, N, L); D, delta_bias: (dim,);
-    lengths: (batch,) — steps t >= lengths[b] are identity (decay 1, input 0).
+    """u, delta, z: (batch, dim, L); A: (dim, N); B, C: (batch, N, L), grouped (batch, G, N, L) or
+    time-invariant (dim, N); D, delta_bias: (dim,); lengths: (batch,) — steps t >= lengths[b] are
+    identity (decay 1, input 0).
 
     Returns out (batch, dim, L) in u's dtype, and with ``return_last_state`` also the final state
     (batch, dim, N) in the compute dtype (fp32, or fp64 for fp64 inputs). Differentiable in every
@@ -267,7 +325,8 @@ def output_at(h: torch.Tensor, idx: torch.Tensor, u, C, D, z) -> torch.Tensor:
     (Σ_n h·C_idx + D·u_idx)·silu(z_idx), in h's dtype, (batch, dim)."""
     rows = torch.arange(h.shape[0], device=h.device)
     cdt = h.dtype
-    y = torch.einsum("bdn,bn->bd", h, C[rows, :, idx].to(cdt))
+    C_last = C if C.dim() == 2 else as_grouped(C)[rows, :, :, idx]  # (d, N) or (b, G, N)
+    y = _sum_states(h, C_last.to(cdt))
     if D is not None:
         y = y + D.to(cdt) * u[rows, :, idx].to(cdt)
     if z is not None:

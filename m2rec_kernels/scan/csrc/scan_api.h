@@ -1,10 +1,12 @@
 // The interface between the torch-facing binding (scan_ops.cpp) and the per-ISA kernels (scan_isa.cpp):
 // plain pointers, sizes and strides (no torch types), so the kernel files include no torch header.
 //
-// Work is split in tasks, one per (batch row b, block of W channels): task = b * n_blocks + block, with
-// W the vector width of the ISA. A task owns its outputs; the reductions over the batch (dA, dD,
-// d(delta_bias)) and over channel blocks (dB, dC) go to per-task partial buffers that the binding sums
-// in a fixed order, so results do not depend on the number of threads.
+// Work is split in tasks, one per (batch row b, block of up to W channels): task = b * n_blocks + block,
+// with W the vector width of the ISA. Blocks never straddle a group of a grouped B or C: the channels
+// are cut into segments of `seg` channels (dim, or the gcd of B's and C's channels per group), each
+// into `seg_blocks` blocks of W (the last one partial). A task owns its outputs; the reductions over
+// the batch (dA, dD, d(delta_bias)) and over channel blocks (dB, dC) go to per-task partial buffers
+// that the binding sums in a fixed order, so results do not depend on the number of threads.
 #pragma once
 
 #include <stdint.h>
@@ -19,10 +21,11 @@ enum ForwardMode : int {
 
 // A (batch, rows, L) fp32 tensor: element [b][r][t] at data[b * sb + r * sr + t * st]. For u, delta,
 // z, dout and the outputs either st == 1 (rows along L, mamba's layout) or sr == 1 (time-major, as a
-// (batch, L, dim) tensor's transpose): the binding copies anything else. B and C take any strides.
+// (batch, L, dim) tensor's transpose): the binding copies anything else. B and C take any strides,
+// and sg is their group stride ((batch, G, N, L); 0 per sequence, (batch, N, L)).
 struct SeqIn {
   const float* data = nullptr;
-  int64_t sb = 0, sr = 0, st = 0;
+  int64_t sb = 0, sr = 0, st = 0, sg = 0;
 };
 struct SeqOut {
   float* data = nullptr;
@@ -31,12 +34,15 @@ struct SeqOut {
 
 struct ScanParams {
   int64_t batch, dim, L, N;
-  int64_t n_blocks;         // ceil(dim / W)
+  int64_t n_blocks;         // (dim / seg) * seg_blocks
+  int64_t seg, seg_blocks;  // channels per segment, blocks per segment: ceil(seg / W)
+  int64_t B_group, C_group;   // channels per group of B / C (dim per sequence)
+  int64_t B_groups, C_groups; // G of B / C (1 per sequence)
   int64_t n_chunks;         // ceil(L / kChunk)
   // inputs, fp32
   SeqIn u, delta;
   SeqIn z;                                         // data nullptr: no gate
-  SeqIn B, C;                                      // (batch, N, L)
+  SeqIn B, C;                                      // (batch, N, L) or (batch, G, N, L)
   const float* A;                                  // (dim, N) contiguous
   const float* D;                                  // (dim,) or nullptr
   const float* delta_bias;                         // (dim,) or nullptr
@@ -57,8 +63,9 @@ struct ScanParams {
   float* dA_part;                                  // (batch, dim, N): per-row partials of dA
   float* dD_part;                                  // (batch, dim) or nullptr
   float* dbias_part;                               // (batch, dim) or nullptr
-  float* dB_part;                                  // (n_blocks, batch, N, L): per-block partials
-  float* dC_part;                                  // (n_blocks, batch, N, L)
+  // per-block partials (K, batch, G, N, L), K = B_group / seg * seg_blocks: a group's blocks
+  float* dB_part;
+  float* dC_part;
 };
 
 struct KernelTable {

@@ -7,8 +7,8 @@
 // task owns one batch row and W channels (one vector register of lanes) and walks time in chunks of
 // kChunk steps. Per chunk, the (channels x time) tiles of delta, u, z are brought into time-major
 // [t][lane] buffers (register transposes for mamba's layout, plain vector copies for time-major
-// inputs), so every per-step value is one vector load; B_t[n] and C_t[n] are per batch row, the same
-// for every lane, and are broadcast. The state for the W channels is walked kTile states at a time,
+// inputs), so every per-step value is one vector load; B_t[n] and C_t[n] are per batch row (and group:
+// a task's channels lie in one group of a grouped B or C), the same for every lane, and are broadcast. The state for the W channels is walked kTile states at a time,
 // in registers, along the whole chunk: per step and state one exp, one multiply and two FMAs (one
 // without y), and nothing is stored per step except y (one vector for all the tile's states).
 //
@@ -136,6 +136,9 @@ inline void scatter_lanes(Vec v, float* dst, int64_t stride, int lanes) {
 struct Block {
   int64_t b, block, d0, len;
   int lanes;
+  const float* B0;  // B[b, group of d0] (then + n * B.sr + t * B.st); C0 the same for C
+  const float* C0;
+  int64_t dB0, dC0; // offsets of this block's (batch row, group) in dB_part / dC_part, state 0, step 0
   Vec bias, Dv;
   float* A2;  // [N][W]: A * log2(e) (exp(delta A) = exp2(delta A2)), zero on padded lanes
   float A2lo, A2hi;  // their range, for fast_exp_ok
@@ -145,8 +148,17 @@ inline Block make_block(const ScanParams& p, int64_t task, float* A2) {
   Block k;
   k.b = task / p.n_blocks;
   k.block = task % p.n_blocks;
-  k.d0 = k.block * W;
-  k.lanes = static_cast<int>(min64(W, p.dim - k.d0));
+  const int64_t s = k.block / p.seg_blocks, j = k.block % p.seg_blocks;  // segment, block in it
+  k.d0 = s * p.seg + j * W;
+  k.lanes = static_cast<int>(min64(W, p.seg - j * W));
+  // the group of B (of C) holding the block, and the block's index among that group's blocks
+  const int64_t gB = k.d0 / p.B_group, gC = k.d0 / p.C_group;
+  const int64_t kB = (s % (p.B_group / p.seg)) * p.seg_blocks + j;
+  const int64_t kC = (s % (p.C_group / p.seg)) * p.seg_blocks + j;
+  k.B0 = p.B.data + k.b * p.B.sb + gB * p.B.sg;
+  k.C0 = p.C.data + k.b * p.C.sb + gC * p.C.sg;
+  k.dB0 = ((kB * p.batch + k.b) * p.B_groups + gB) * p.N * p.L;
+  k.dC0 = ((kC * p.batch + k.b) * p.C_groups + gC) * p.N * p.L;
   k.len = p.lengths ? p.lengths[k.b] : p.L;
   k.bias = p.delta_bias ? gather_lanes(p.delta_bias + k.d0, 1, k.lanes) : Vec::zero();
   k.Dv = p.D ? gather_lanes(p.D + k.d0, 1, k.lanes) : Vec::zero();
@@ -226,8 +238,8 @@ template <bool kY, bool kFinite>
 inline void fwd_states(const ScanParams& p, const Block& k, int64_t t0, int nv, int nt, float* h,
                        const float* dt, const float* dtu, float* y) {
   const SeqIn &B = p.B, &C = p.C;
-  const float* Bp = B.data + k.b * B.sb + t0 * B.st;
-  const float* Cp = C.data + k.b * C.sb + t0 * C.st;
+  const float* Bp = k.B0 + t0 * B.st;
+  const float* Cp = k.C0 + t0 * C.st;
   int64_t n = 0;
   for (; n + kTile <= p.N; n += kTile)
     fwd_tile<kTile, kY, kFinite>(Bp + n * B.sr, B.sr, B.st, Cp + n * C.sr, C.sr, C.st, k.A2 + n * W, h + n * W,
@@ -257,7 +269,7 @@ inline void fwd_output_last(const ScanParams& p, const Block& k, const float* h)
   int64_t t = k.len - 1;
   Vec y = Vec::zero();
   for (int64_t n = 0; n < p.N; ++n)
-    y = fma(Vec::load(h + n * W), Vec::bcast(p.C.data[k.b * p.C.sb + n * p.C.sr + t * p.C.st]), y);
+    y = fma(Vec::load(h + n * W), Vec::bcast(k.C0[n * p.C.sr + t * p.C.st]), y);
   const SeqIn &u = p.u, &z = p.z;
   if (p.D) y = fma(k.Dv, gather_lanes(u.data + k.b * u.sb + k.d0 * u.sr + t * u.st, u.sr, k.lanes), y);
   if (z.data) {
@@ -333,8 +345,8 @@ inline void bwd_tile(const ScanParams& p, const Block& k, int64_t c, int64_t n0,
                      const BwdChunk& q, float* dh, float* dA, float* H, float* E, float* RB, float* RC) {
   const int64_t t0 = c * kChunk;
   const int64_t Bst = p.B.st, Cst = p.C.st;
-  const float* Bp = p.B.data + k.b * p.B.sb + n0 * p.B.sr + t0 * Bst;
-  const float* Cp = p.C.data + k.b * p.C.sb + n0 * p.C.sr + t0 * Cst;
+  const float* Bp = k.B0 + n0 * p.B.sr + t0 * Bst;
+  const float* Cp = k.C0 + n0 * p.C.sr + t0 * Cst;
   const float* ck = p.ckpt + ((k.b * p.n_chunks + c) * p.N + n0) * p.dim + k.d0;
   const float* Bj[NT];
   const float* Cj[NT];
@@ -372,8 +384,8 @@ inline void bwd_tile(const ScanParams& p, const Block& k, int64_t c, int64_t n0,
   // Reverse walk. dB[n, t] / dC[n, t] partials of this block are lane sums of W-lane vectors; they are
   // kept for W steps in the rings RB/RC [j][t mod W][lane] and summed (lane_sums) when a block of W
   // steps is complete, while still in L1.
-  float* dBp = p.dB_part + ((k.block * p.batch + k.b) * p.N + n0) * p.L + t0;
-  float* dCp = p.dC_part + ((k.block * p.batch + k.b) * p.N + n0) * p.L + t0;
+  float* dBp = p.dB_part + k.dB0 + n0 * p.L + t0;
+  float* dCp = p.dC_part + k.dC0 + n0 * p.L + t0;
   auto flush = [&](int tb, int count) {  // steps tb .. tb+count-1 are in ring slots 0 .. count-1
     alignas(64) float sums[W];
     for (int j = 0; j < NT; ++j) {

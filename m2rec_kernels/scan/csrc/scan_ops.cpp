@@ -7,29 +7,20 @@
 #include <torch/library.h>
 
 #include <functional>
+#include <numeric>
 #include <string>
 #include <tuple>
 
+#include "cpu_isa.h"
 #include "scan_api.h"
 
 namespace m2rec_scan {
 namespace {
 
-enum Isa : int64_t { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-bool cpu_has(Isa isa) {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (isa == kAvx512)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("fma");
-  if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  if (isa != kGeneric) return false;
-#endif
-  return true;
-}
+using m2rec_cpu::cpu_has;
+using m2rec_cpu::kAvx2;
+using m2rec_cpu::kAvx512;
+using m2rec_cpu::kGeneric;
 
 // The variant's kernels, or nullptr when it is not in this library or the CPU lacks the instructions.
 const KernelTable* table_or_null(int64_t isa) {
@@ -68,6 +59,14 @@ SeqIn seq_in(const at::Tensor& t) {
   if (t.defined()) { s.data = t.data_ptr<float>(); s.sb = t.stride(0); s.sr = t.stride(1); s.st = t.stride(2); }
   return s;
 }
+// B or C: (batch, N, L), or grouped (batch, G, N, L) with the group stride in sg; any strides.
+SeqIn bc_in(const at::Tensor& t) {
+  SeqIn s = seq_in(t.dim() == 4 ? t.select(1, 0) : t);
+  if (t.dim() == 4) s.sg = t.stride(1);
+  return s;
+}
+int64_t bc_groups(const at::Tensor& t) { return t.dim() == 4 ? t.size(1) : 1; }
+
 SeqOut seq_out(const at::Tensor& t) {
   SeqOut s;
   if (t.defined()) { s.data = t.data_ptr<float>(); s.sb = t.stride(0); s.sr = t.stride(1); s.st = t.stride(2); }
@@ -110,13 +109,25 @@ ScanParams params_for(const Inputs& in, const KernelTable* k, bool softplus) {
   p.dim = in.u.size(1);
   p.L = in.u.size(2);
   p.N = in.A.size(1);
-  p.n_blocks = (p.dim + k->width - 1) / k->width;
+  TORCH_CHECK(in.B.dim() >= 3 && in.C.dim() >= 3,
+              "m2rec_scan_cpu: B and C must be (batch, N, L) or grouped (batch, G, N, L); time-invariant "
+              "(dim, N) is not supported");
+  p.B_groups = bc_groups(in.B);
+  p.C_groups = bc_groups(in.C);
+  TORCH_CHECK(p.B_groups > 0 && p.C_groups > 0 && p.dim % p.B_groups == 0 && p.dim % p.C_groups == 0,
+              "m2rec_scan_cpu: the groups of B and C must divide dim");
+  // a block never straddles a group of B or C: segments of gcd(channels per group) channels
+  p.B_group = p.dim > 0 ? p.dim / p.B_groups : 1;
+  p.C_group = p.dim > 0 ? p.dim / p.C_groups : 1;
+  p.seg = std::gcd(p.B_group, p.C_group);
+  p.seg_blocks = (p.seg + k->width - 1) / k->width;
+  p.n_blocks = p.dim > 0 ? p.dim / p.seg * p.seg_blocks : 0;
   p.n_chunks = (p.L + k->chunk - 1) / k->chunk;
   p.u = seq_in(in.u);
   p.delta = seq_in(in.delta);
   p.z = seq_in(in.z);
-  p.B = seq_in(in.B);
-  p.C = seq_in(in.C);
+  p.B = bc_in(in.B);
+  p.C = bc_in(in.C);
   p.A = in.A.data_ptr<float>();
   p.D = ptr_or_null(in.D);
   p.delta_bias = ptr_or_null(in.bias);
@@ -210,8 +221,9 @@ backward_op(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, c
   at::Tensor dA_part = at::zeros({p.batch, p.dim, p.N}, f32);
   at::Tensor dD_part = in.D.defined() ? at::zeros({p.batch, p.dim}, f32) : at::Tensor();
   at::Tensor dbias_part = in.bias.defined() ? at::zeros({p.batch, p.dim}, f32) : at::Tensor();
-  at::Tensor dB_part = at::zeros({p.n_blocks, p.batch, p.N, p.L}, f32);
-  at::Tensor dC_part = at::zeros({p.n_blocks, p.batch, p.N, p.L}, f32);
+  // per block of each group (scan_api.h), summed below into (batch, G, N, L)
+  at::Tensor dB_part = at::zeros({p.B_group / p.seg * p.seg_blocks, p.batch, p.B_groups, p.N, p.L}, f32);
+  at::Tensor dC_part = at::zeros({p.C_group / p.seg * p.seg_blocks, p.batch, p.C_groups, p.N, p.L}, f32);
   p.du = seq_out(du);
   p.ddelta = seq_out(ddelta);
   p.dz = seq_out(dz);
@@ -223,8 +235,8 @@ backward_op(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, c
   run_tasks(p, [&](int64_t begin, int64_t end) { k->backward(p, begin, end); });
 
   at::Tensor dA = fixed_order_sum(dA_part, {p.dim, p.N});
-  at::Tensor dB = fixed_order_sum(dB_part, {p.batch, p.N, p.L});
-  at::Tensor dC = fixed_order_sum(dC_part, {p.batch, p.N, p.L});
+  at::Tensor dB = fixed_order_sum(dB_part, {p.batch, p.B_groups, p.N, p.L}).view(B.sizes());
+  at::Tensor dC = fixed_order_sum(dC_part, {p.batch, p.C_groups, p.N, p.L}).view(C.sizes());
   at::Tensor dD = dD_part.defined() ? cast_like(fixed_order_sum(dD_part, {p.dim}), *D) : at::empty({0}, f32);
   at::Tensor dbias = dbias_part.defined() ? cast_like(fixed_order_sum(dbias_part, {p.dim}), *delta_bias)
                                           : at::empty({0}, f32);

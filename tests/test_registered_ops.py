@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from m2rec_kernels import _library, causal_filter, fft_filter, gated_fusion  # noqa: F401  (registers the ops)
+from m2rec_kernels import _library, causal_conv1d, causal_filter, fft_filter, gated_fusion  # noqa: F401  (registers the ops)
 from m2rec_kernels._backend import triton_interpreter_enabled
 from m2rec_kernels.scan.cpu import cpu_scan_status
 
 OPS = ("selective_scan", "selective_scan_backward", "selective_scan_final", "selective_state_update",
        "fft_filter", "fft_filter_backward", "causal_filter", "causal_filter_backward", "gated_fusion",
-       "gated_fusion_backward")
+       "gated_fusion_backward", "causal_conv1d", "causal_conv1d_backward")
 
 
 def _skip_unless_runs(backend):
@@ -89,6 +89,27 @@ def test_selective_scan_backward_op(backend):
 def test_selective_scan_final_op(backend):
     _skip_unless_runs(backend)
     _check(torch.ops.m2rec.selective_scan_final.default, (*_scan_inputs(True), True, backend))
+
+
+@pytest.mark.parametrize("forms", [("grouped", "grouped"), ("grouped", "time-invariant"),
+                                   ("time-invariant", "grouped")], ids=lambda f: "-".join(f))
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+def test_selective_scan_ops_with_grouped_and_time_invariant_bc(backend, forms):
+    """B and C in mamba_ssm's other forms (bc_forms.py: grouped (batch, G, N, L), time-invariant
+    (dim, N)) through the forward, backward and final ops: the fakes give their gradients' shapes."""
+    _skip_unless_runs(backend)
+    if backend == "cpu" and "time-invariant" in forms:
+        pytest.skip("the compiled CPU scan takes B/C per sequence or grouped (the public op runs the reference)")
+    g = torch.Generator().manual_seed(2)
+    inputs = _scan_inputs(True)
+    shapes = {"grouped": (B_, 1, N_, L_), "time-invariant": (D_, N_)}  # D_ = 5 channels: one group
+    inputs[3], inputs[4] = (torch.randn(shapes[f], generator=g).requires_grad_() for f in forms)
+    _check(torch.ops.m2rec.selective_scan.default, (*inputs, True, True, True, backend))
+    _check(torch.ops.m2rec.selective_scan_final.default, (*inputs, True, backend))
+    plain = [t.detach() if t is not None else None for t in inputs]
+    _, _, residual = torch.ops.m2rec.selective_scan(*plain, True, True, True, backend)
+    dout, dlast = torch.randn(B_, D_, L_, generator=g), torch.randn(B_, D_, N_, generator=g)
+    _check(torch.ops.m2rec.selective_scan_backward.default, (*plain, residual, dout, dlast, True, backend))
 
 
 def test_selective_scan_final_op_gradients_match_the_scan():
@@ -192,6 +213,24 @@ def test_the_dropout_mask_is_a_function_of_the_seed():
         b = torch.ops.m2rec.gated_fusion(branches, residual, *params, 1e-5, 0.5, torch.tensor([7]), backend)[0]
         c = torch.ops.m2rec.gated_fusion(branches, residual, *params, 1e-5, 0.5, torch.tensor([8]), backend)[0]
         assert torch.equal(a, b) and not torch.equal(a, c), backend
+
+
+# ------------------------------------------------------------------------------------- causal conv1d
+@pytest.mark.parametrize("time_major", [True, False], ids=["time-major", "rows"])
+@pytest.mark.parametrize("bias,silu", [(True, True), (False, False)], ids=["bias-silu", "bare"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_causal_conv1d_ops(backend, bias, silu, time_major):
+    """The conv op and its backward; the compiled kernel's outputs follow x's layout, and so must the fake's."""
+    _skip_unless_runs(backend)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 5, generator=g)  # (batch, L, dim) -> (batch, dim, L)
+    x = x.transpose(1, 2) if time_major else x.transpose(1, 2).contiguous()
+    w, b = torch.randn(5, 4, generator=g), (torch.randn(5, generator=g) if bias else None)
+    args = [t.requires_grad_() if t is not None else None for t in (x, w, b)]
+    _check(torch.ops.m2rec.causal_conv1d.default, (*args, silu, backend))
+    dy = torch.randn(2, 5, 7, generator=g)
+    _check(torch.ops.m2rec.causal_conv1d_backward.default, (dy, x.detach(), w.detach(),
+                                                             None if b is None else b.detach(), silu, backend))
 
 
 # ------------------------------------------------------------------------------- how tracers see them

@@ -80,6 +80,9 @@ class Grid:
     target_s: float                          # timed seconds aimed at per benchmark (adaptive rounds)
     min_rounds: int
     max_rounds: int
+    # (L, batch) of the torch.compile'd inference rows: a compilation per row (tens of seconds on a CPU)
+    # keeps them to the headline shapes
+    compiled: Tuple[Tuple[int, int], ...] = ()
 
 
 def _product(lengths, batches):
@@ -103,6 +106,7 @@ GPU = Grid(
     target_s=0.3,
     min_rounds=5,
     max_rounds=100,
+    compiled=((200, 64), (200, 1), (2000, 64)),
 )
 
 # Measured on a 2-core Xeon, one thread: at batch 64 one forward of the Mamba models costs ~0.25 s at
@@ -121,6 +125,7 @@ CPU = Grid(
     target_s=1.0,
     min_rounds=3,
     max_rounds=50,
+    compiled=((200, 64), (200, 1)),
 )
 
 SMOKE = Grid(
@@ -136,6 +141,7 @@ SMOKE = Grid(
     target_s=0.0,
     min_rounds=1,
     max_rounds=1,
+    compiled=((8, 2),),
 )
 
 

@@ -255,8 +255,8 @@ def _state_update() -> List[KernelCase]:
         block_d = max(16, min(64, 4096 // block_n))  # as selective_state_update_triton
         t = tensor()
         args = dict(state_ptr=t, x_ptr=t, dt_ptr=t, A_ptr=t, B_ptr=t, C_ptr=t, D_ptr=t, z_ptr=t, bias_ptr=t,
-                    out_ptr=t, dim=dim, N=N, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
-                    BLOCK_D=block_d, BLOCK_N=block_n)
+                    idx_ptr=tensor(torch.int64), out_ptr=t, dim=dim, N=N, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
+                    SOFTPLUS=True, HAS_INDICES=True, BLOCK_D=block_d, BLOCK_N=block_n)
         cases.append(KernelCase("selective_state_update", f"B{batch} d{dim} N{N} (one step)",
                                 selective_state_update_kernel, args, (batch, _cdiv(dim, block_d)), num_warps=4,
                                 config=dict(BLOCK_D=block_d, BLOCK_N=block_n)))
@@ -379,7 +379,7 @@ def _gated_fusion() -> List[KernelCase]:
         cfg = dict(BLOCK_M=block_m, BLOCK_D=block_d)
         fwd = dict(x0_ptr=t, x1_ptr=t, x2_ptr=t, res_ptr=t, w_ptr=t, bg_ptr=t, lnw_ptr=t, lnb_ptr=t,
                    out_ptr=t, alpha_ptr=t, mean_ptr=t, rstd_ptr=t, M=m, D=d, eps=1e-12, p=0.2, scale=1.25,
-                   seed=1234, K=3, HAS_DROPOUT=True, **cfg)
+                   seed_ptr=tensor(torch.int64), K=3, HAS_DROPOUT=True, **cfg)
         cases.append(KernelCase("gated_fusion_fwd", label, _gated_fusion_fwd_kernel,
                                 _rename(_gated_fusion_fwd_kernel, fwd), (_cdiv(m, block_m),), num_warps=warps,
                                 config=cfg))
@@ -390,7 +390,7 @@ def _gated_fusion() -> List[KernelCase]:
         bwd = dict(x0_ptr=t, x1_ptr=t, x2_ptr=t, res_ptr=t, w_ptr=t, lnw_ptr=t, alpha_ptr=t, mean_ptr=t,
                    rstd_ptr=t, dout_ptr=t, dgates_ptr=t, dx0_ptr=t, dx1_ptr=t, dx2_ptr=t, dres_ptr=t,
                    dw_part_ptr=t, dbg_part_ptr=t, dlw_part_ptr=t, dlb_part_ptr=t, M=m, D=d,
-                   tiles_per_program=per, p=0.2, scale=1.25, seed=1234, K=3, HAS_DROPOUT=True,
+                   tiles_per_program=per, p=0.2, scale=1.25, seed_ptr=tensor(torch.int64), K=3, HAS_DROPOUT=True,
                    HAS_DGATES=False, **cfg)
         cases.append(KernelCase("gated_fusion_bwd", label, _gated_fusion_bwd_kernel,
                                 _rename(_gated_fusion_bwd_kernel, bwd), (programs,), num_warps=warps,

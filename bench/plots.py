@@ -51,6 +51,8 @@ def series_label(name: str, backend: str) -> str:
 
 def _style(name: str, backend: str) -> Dict:
     linestyle = M2REC_LINESTYLES.get(backend, "--") if name == "m2rec" else "-"
+    if backend == "compiled":  # torch.compile'd rows, beside the model's eager line
+        linestyle = ":"
     return dict(color=MODEL_COLORS.get(name, "black"), linestyle=linestyle,
                 marker={"m2rec": "o", "mamba4rec": "s", "sasrec": "^", "m2rec_unfused": "D"}.get(name, "x"))
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List
 
 COLUMNS = ("kind", "name", "backend", "L", "batch", "device", "status", "mean_ms", "median_ms", "stddev_ms",
-           "min_ms", "rounds", "per_seq_ms", "seq_per_s", "peak_mem_mb", "mem_method", "impl", "reason")
+           "min_ms", "rounds", "per_seq_ms", "seq_per_s", "peak_mem_mb", "mem_method", "impl", "reason",
+           "compile_s")
 
 
 def file_name(tag: str, what: str) -> str:
@@ -40,6 +41,7 @@ def rows_from_pytest_benchmark(raw: Dict) -> List[Dict]:
             "rounds": int(stats["rounds"]), "per_seq_ms": mean * 1e3 / batch, "seq_per_s": batch / mean,
             "peak_mem_mb": info.get("peak_mem_mb"), "mem_method": info.get("mem_method", ""),
             "impl": info.get("impl", ""), "reason": "",
+            "compile_s": info.get("compile_s"),  # torch.compile rows: the warm-up call that compiled
         })
     return rows
 

@@ -25,6 +25,9 @@ MODEL_CASES = (("m2rec", "triton"), ("m2rec", "cpu"), ("m2rec", "torch"), ("mamb
                ("sasrec", "sdpa"), ("m2rec_unfused", "mamba_ssm"))
 #: the streaming rows: M2Rec on each of its kernel backends
 STREAM_CASES = tuple(case for case in MODEL_CASES if case[0] == "m2rec")
+#: the torch.compile'd inference rows (``compiled_inference_call``): M2Rec on backend "auto" (its
+#: registered ops: Triton on CUDA, the compiled scan on CPU) and its peer SASRec
+COMPILED_CASES = (("m2rec", "compiled"), ("sasrec", "compiled"))
 
 
 def random_text_table(n_items: int, dim: int = TEXT_DIM, seed: int = 0) -> torch.Tensor:
@@ -40,11 +43,15 @@ def build_bench_model(name: str, backend: str, n_items: int, max_len: int,
     from m2rec.models import build_model
 
     torch.manual_seed(0)
+    compiled = backend == "compiled"
+    if compiled and name not in ("m2rec", "sasrec"):
+        raise ValueError(f"no compiled benchmark row for {name!r}")
     if name == "m2rec":
+        ops_backend = "auto" if compiled else backend
         model = build_model("m2rec", n_items, d_model=D_MODEL, n_layers=1, max_len=max_len, d_state=D_STATE,
-                            text_embeddings=random_text_table(n_items), backend=backend)
+                            text_embeddings=random_text_table(n_items), backend=ops_backend)
         scan = f" ({cpu_scan_note()}; filter and fusion on torch)" if backend == "cpu" else ""
-        notes = {"impl": f"M2Rec backend={backend}{scan}, 1 layer, d_state {D_STATE}, causal filter, "
+        notes = {"impl": f"M2Rec backend={ops_backend}{scan}, 1 layer, d_state {D_STATE}, causal filter, "
                          f"frozen random text table ({TEXT_DIM}-d)"}
     elif name == "mamba4rec":
         # impl="auto": the real mamba_ssm.Mamba where its CUDA scan exists, else MambaMixer, whose scan
@@ -74,6 +81,8 @@ def build_bench_model(name: str, backend: str, n_items: int, max_len: int,
         notes = {"impl": "SASRec, 2 layers, 2 heads, F.scaled_dot_product_attention"}
     else:
         raise ValueError(f"unknown benchmark model {name!r}; expected one of m2rec, mamba4rec, sasrec, m2rec_unfused")
+    if compiled:
+        notes["impl"] = "torch.compile(fullgraph=True) of scores(): " + notes["impl"]
     return model.to(device), notes
 
 
@@ -93,6 +102,37 @@ def inference_call(model: torch.nn.Module, item_seq, lengths):
         with torch.inference_mode():
             return model.scores(item_seq, lengths)
 
+    return call
+
+
+class Scorer(torch.nn.Module):
+    """A module whose forward is ``model.scores``: what torch.compile and torch.export take for serving."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, item_seq, lengths):
+        return self.model.scores(item_seq, lengths)
+
+
+def compiled_inference_call(model: torch.nn.Module, item_seq, lengths, info: Dict[str, object]):
+    """``inference_call`` through ``torch.compile(fullgraph=True)``, compiled here by one warm-up call
+    (its seconds go to ``info["compile_s"]``), so the timing holds the compiled code only."""
+    import time
+
+    model.eval()
+    compiled = torch.compile(Scorer(model), fullgraph=True)
+
+    def call():
+        with torch.inference_mode():
+            return compiled(item_seq, lengths)
+
+    t0 = time.perf_counter()
+    call()
+    if item_seq.is_cuda:
+        torch.cuda.synchronize(item_seq.device)
+    info["compile_s"] = round(time.perf_counter() - t0, 2)
     return call
 
 

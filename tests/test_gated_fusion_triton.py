@@ -243,6 +243,7 @@ for dt, k, flag in (("fp16", 3, True), ("bf16", 2, False)):
     act = {n: "*" + dt for n in ("X0", "X1", "X2", "RES", "OUT", "DOUT", "DX0", "DX1", "DX2", "DRES")}
     f32 = {n: "*fp32" for n in ("W", "BG", "LW", "LB", "ALPHA", "MEAN", "RSTD", "DGATES",
                                 "DW_PART", "DBG_PART", "DLW_PART", "DLB_PART")}
+    f32["SEED"] = "*i64"
     for fn, consts in ((_gated_fusion_fwd_kernel, dict(K=k, HAS_DROPOUT=flag, BLOCK_M=16, BLOCK_D=64)),
                        (_gated_fusion_bwd_kernel, dict(K=k, HAS_DROPOUT=flag, HAS_DGATES=flag,
                                                       BLOCK_M=16, BLOCK_D=64))):

@@ -299,7 +299,7 @@ _COMPILE_SM90 = textwrap.dedent(
         io = {n: "*" + dt for n in ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "D_ptr", "z_ptr", "bias_ptr",
                                     "out_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr",
                                     "x_ptr", "dt_ptr", "state_ptr")}
-        io["lengths_ptr"] = "*i64"
+        io["lengths_ptr"] = io["idx_ptr"] = "*i64"
         f32 = {n: "*fp32" for n in ("A_ptr", "last_ptr", "ckpt_ptr", "dlast_ptr", "scratch_ptr", "dA_part_ptr",
                                     "dB_part_ptr", "dC_part_ptr", "dD_part_ptr", "dbias_part_ptr")}
         ptrs = dict(io, **f32)
@@ -314,7 +314,7 @@ _COMPILE_SM90 = textwrap.dedent(
                        **forms), 4)
             build(K.selective_scan_bwd_kernel, ptrs, ints,
                   dict(flags, HAS_LENGTHS=True, HAS_DLAST=True, CHUNK=16, BLOCK_D=8, BLOCK_N=32, **forms), 2)
-        build(K.selective_state_update_kernel, ptrs, ints, dict(flags, BLOCK_D=64, BLOCK_N=32), 4)
+        build(K.selective_state_update_kernel, ptrs, ints, dict(flags, HAS_INDICES=True, BLOCK_D=64, BLOCK_N=32), 4)
     print("compiled")
     """
 )

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from m2rec_kernels import causal_filter, fft_filter
-from m2rec_kernels._checks import check_lengths, check_tensor
+from m2rec_kernels._checks import check_lengths, check_tensor, tracing
 
 FILTER_MODES = ("causal", "circular")
 
@@ -81,7 +81,7 @@ class FrequencyFilter(nn.Module):
         right-aligning x (an elementwise gather of x, then a mask) measured 2.3x faster at (64, 200, 64)
         with mixed lengths, 9x with all of length L (one CPU thread)."""
         k = self.kernel[:L]
-        if bool((lengths == L).all()):
+        if not tracing() and bool((lengths == L).all()):  # (a traced graph takes the general gather)
             return k.flip(0)[None]
         idx = lengths[:, None] - 1 - torch.arange(L, device=lengths.device)[None, :]  # (batch, L)
         padded = torch.cat([k, k.new_zeros(1, k.shape[1])])  # row L: the zero tap after the end
@@ -99,9 +99,7 @@ class FrequencyFilter(nn.Module):
         batch, L, _ = x.shape
         if lengths is None:
             return torch.full((batch,), L, dtype=torch.long, device=x.device)
-        check_lengths("FrequencyFilter", lengths, batch, L, x.device)
-        if lengths.numel() and int(lengths.min()) < 1:
-            raise ValueError(f"FrequencyFilter: lengths must be >= 1, got min {int(lengths.min())}")
+        check_lengths("FrequencyFilter", lengths, batch, L, x.device, lo=1)
         return lengths.long()
 
     def forward_last(self, x: torch.Tensor, lengths=None) -> torch.Tensor:

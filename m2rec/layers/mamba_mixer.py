@@ -169,10 +169,7 @@ class MambaMixer(nn.Module):
         if lengths is None:
             return None
         batch, L, _ = hidden_states.shape
-        check_lengths("MambaMixer", lengths, batch, L, hidden_states.device)
-        if lengths.numel() and int(lengths.min()) < 1:
-            raise ValueError(f"MambaMixer: lengths must be >= 1 (each sequence needs an item), got min "
-                             f"{int(lengths.min())}")
+        check_lengths("MambaMixer", lengths, batch, L, hidden_states.device, lo=1)  # each sequence needs an item
         return lengths.long()
 
     def _scan_params(self):

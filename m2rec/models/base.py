@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from m2rec_kernels._checks import check_range, require, tracing
+
 from .streaming import StreamState, check_items, eval_mode, select_rows, stream_token, write_rows
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -105,20 +107,24 @@ class SequentialRecommender(nn.Module):
         # The value checks need the data: gather them into one tensor so a GPU batch costs one sync.
         lengths = lengths.long()
         padded_wrong = (item_seq != 0) != self.valid_mask(lengths.clamp(0, L), L)
-        stats = torch.stack([item_seq.min().long(), item_seq.max().long(), lengths.min(), lengths.max(),
-                             padded_wrong.any().long()])
+        ids_range = f"expected ids in [0, n_items={self.n_items}] (0 = padding)"
+        lengths_range = f"{name}: lengths must lie in [1, L={L}]"
+        not_padded = (f"{name}: item_seq must be right-padded: ids >= 1 at positions t < lengths[b] and 0 after "
+                      "(a left-padded batch or a padding id inside a sequence was given)")
+        lo, hi = item_seq.min().long(), item_seq.max().long()
+        if tracing():  # torch.compile / torch.export: the same checks, as assertions in the graph
+            require((lo >= 0) & (hi <= self.n_items), f"{name}: item_seq holds ids out of range, {ids_range}")
+            require((lengths.min() >= 1) & (lengths.max() <= L), lengths_range)
+            require(~padded_wrong.any(), not_padded)
+            return
+        stats = torch.stack([lo, hi, lengths.min(), lengths.max(), padded_wrong.any().long()])
         lo, hi, len_lo, len_hi, not_right_padded = stats.tolist()
         if lo < 0 or hi > self.n_items:
-            raise ValueError(
-                f"{name}: item_seq holds ids in [{lo}, {hi}], expected ids in [0, n_items={self.n_items}] (0 = padding)"
-            )
+            raise ValueError(f"{name}: item_seq holds ids in [{lo}, {hi}], {ids_range}")
         if len_lo < 1 or len_hi > L:
-            raise ValueError(f"{name}: lengths must lie in [1, L={L}], got min {len_lo}, max {len_hi}")
+            raise ValueError(f"{lengths_range}, got min {len_lo}, max {len_hi}")
         if not_right_padded:
-            raise ValueError(
-                f"{name}: item_seq must be right-padded: ids >= 1 at positions t < lengths[b] and 0 after "
-                "(a left-padded batch or a padding id inside a sequence was given)"
-            )
+            raise ValueError(not_padded)
 
     @staticmethod
     def valid_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
@@ -292,19 +298,27 @@ class SequentialRecommender(nn.Module):
             raise ValueError(
                 f"{name}: with all_positions={all_positions} targets must have shape {want}, got {tuple(targets.shape)}"
             )
-        lo, hi = int(targets.min()), int(targets.max())
-        if lo < 0 or hi > self.n_items:
-            raise ValueError(f"{name}: targets holds ids in [{lo}, {hi}], expected ids in [0, n_items={self.n_items}]")
+        if all_positions:
+            check_range(name, "targets", targets, lo=0, hi=self.n_items,
+                        what=f"targets must hold ids in [0, n_items={self.n_items}] (0 = ignore)")
+            padding_targets = ((targets != 0) & ~self.valid_mask(lengths.long(), L)).any()
+            message = f"{name}: targets must be 0 (ignore) at padding positions t >= lengths[b]"
+            require(~padding_targets, message) if tracing() else _raise_if(bool(padding_targets), message)
+            message = f"{name}: targets has no non-zero entry: nothing to train on"
+            anything = (targets != 0).any()
+            require(anything, message) if tracing() else _raise_if(not bool(anything), message)
+        else:
+            check_range(name, "targets", targets, lo=1, hi=self.n_items,
+                        what=f"last-position targets must be item ids in [1, n_items={self.n_items}] (no 0: padding)")
         targets = targets.long()
         hidden = self.encode(item_seq.long(), lengths.long())
         if all_positions:
-            if bool((targets[~self.valid_mask(lengths, L)] != 0).any()):
-                raise ValueError(f"{name}: targets must be 0 (ignore) at padding positions t >= lengths[b]")
-            if not bool((targets != 0).any()):
-                raise ValueError(f"{name}: targets has no non-zero entry: nothing to train on")
             logits = self.class_logits(hidden)
             return F.cross_entropy(logits.reshape(-1, self.n_items), targets.reshape(-1) - 1, ignore_index=-1)
-        if lo < 1:
-            raise ValueError(f"{name}: last-position targets must be item ids in [1, n_items], got a 0 (padding)")
         logits = self.class_logits(self.gather_last(hidden, lengths))
         return F.cross_entropy(logits, targets - 1)
+
+
+def _raise_if(condition: bool, message: str) -> None:
+    if condition:
+        raise ValueError(message)

@@ -20,9 +20,11 @@ from typing import Optional
 
 import torch
 
+from .. import _library
 from .._backend import resolve_backend
 from .._checks import check_tensor
 from .cpu import CPU_DTYPES, cpu_conv_unavailable
+from .ops import CAUSAL_CONV1D
 from .reference import causal_conv1d_ref
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref"]
@@ -50,11 +52,11 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if chosen == "cpu":
         named = dict(x=x, weight=weight, bias=bias)
         wide = [name for name, t in named.items() if t is not None and t.dtype not in CPU_DTYPES]
-        if not wide:
-            from .cpu import causal_conv1d_cpu
-
-            return causal_conv1d_cpu(x, weight, bias, silu)
-        if backend == "cpu":
-            raise TypeError(f"{_OP}: backend='cpu' supports float16, bfloat16 and float32; {wide[0]} is "
-                            f"{str(named[wide[0]].dtype).replace('torch.', '')} (use backend='torch' for float64)")
-    return causal_conv1d_ref(x, weight, bias, silu)
+        if wide:
+            if backend == "cpu":
+                raise TypeError(f"{_OP}: backend='cpu' supports float16, bfloat16 and float32; {wide[0]} is "
+                                f"{str(named[wide[0]].dtype).replace('torch.', '')} (use backend='torch' for float64)")
+            chosen = "torch"
+    else:
+        chosen = "torch"  # no Triton kernel: the reference (cuDNN through F.conv1d on CUDA)
+    return _library.call(CAUSAL_CONV1D, x, weight, bias, silu, chosen)

@@ -20,6 +20,7 @@ from ..scan.cpu import ISA_CODES, cpu_scan_status
 CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@torch.compiler.assume_constant_result  # loaded once per process: torch.compile takes the answer as given
 def cpu_conv_unavailable() -> Optional[str]:
     """None when ``backend="cpu"`` can run the compiled conv here, else the reason."""
     status = cpu_scan_status()

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import torch
 
+from .. import _library
 from .._backend import resolve_backend
 from .._checks import check_tensor
 from .causal import causal_n_fft, causal_weight
-from .causal_fft import causal_filter_fft
+from .ops import CAUSAL_FILTER, FFT_FILTER
 from .paths import direct_filter_runs
-from .reference import as_complex_weight, causal_filter_reference, fft_filter_reference
+from .reference import causal_filter_reference, fft_filter_reference
 
 __all__ = ["fft_filter", "causal_filter", "fft_filter_reference", "causal_filter_reference", "causal_n_fft",
            "causal_weight"]
@@ -73,13 +74,9 @@ def fft_filter(x: torch.Tensor, weight: torch.Tensor, n_fft: int, backend: str =
     Gradients flow to x and weight (the weight's gradient has the weight's form).
     """
     _check_inputs(x, weight, n_fft)
-    if resolve_backend(backend, _OP, x, weight) == "torch" or not direct_filter_runs(x, weight):
-        return fft_filter_reference(x, weight, n_fft)
-    from .toeplitz_function import direct_filter  # imports triton only when asked
-
-    # taps k = irfft(W, n) (unscaled inverse): irfft_o(rfft_o(x)·W) is the circular convolution x ⊛ k
-    taps = torch.fft.irfft(as_complex_weight(weight, torch.float32), n=n_fft, dim=0)
-    return direct_filter(x, taps, wrap=n_fft)
+    chosen = resolve_backend(backend, _OP, x, weight)
+    chosen = "triton" if chosen == "triton" and direct_filter_runs(x, weight) else "torch"
+    return _library.call(FFT_FILTER, x, weight, n_fft, chosen)
 
 
 def _check_causal_inputs(x, kernel) -> None:
@@ -102,8 +99,6 @@ def causal_filter(x: torch.Tensor, kernel: torch.Tensor, backend: str = "auto") 
     """
     _check_causal_inputs(x, kernel)
     k = kernel[: x.shape[1]]
-    if resolve_backend(backend, "causal_filter", x, kernel) == "torch" or not direct_filter_runs(x, kernel):
-        return causal_filter_fft(x, k)
-    from .toeplitz_function import direct_filter  # imports triton only when asked
-
-    return direct_filter(x, k)
+    chosen = resolve_backend(backend, "causal_filter", x, kernel)
+    chosen = "triton" if chosen == "triton" and direct_filter_runs(x, kernel) else "torch"
+    return _library.call(CAUSAL_FILTER, x, k, chosen)[0]

@@ -35,37 +35,50 @@ def smooth_fft_length(n: int) -> int:
         n += 1
 
 
-class CausalFilterFFT(torch.autograd.Function):
-    """y = causal_conv(x, kernel) by FFT; x (B, L, d), kernel (K, d), both real and of one dtype."""
+def _wide(x: torch.Tensor, kernel: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x.dtype, kernel.dtype) else torch.float32
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        L, K = x.shape[1], kernel.shape[0]
-        n = smooth_fft_length(L + K - 1)
-        spec_x = torch.fft.rfft(x.transpose(1, 2), n=n)       # (B, d, F)
-        spec_k = torch.fft.rfft(kernel.t(), n=n)               # (d, F)
-        ctx.save_for_backward(spec_x, spec_k)
-        ctx.shape = (L, K, n)
-        return torch.fft.irfft(spec_x * spec_k, n=n)[..., :L].transpose(1, 2)
 
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        spec_x, spec_k = ctx.saved_tensors
-        L, K, n = ctx.shape
-        spec_g = torch.fft.rfft(grad_y.transpose(1, 2).to(spec_k.real.dtype), n=n)
-        dx = dk = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.fft.irfft(spec_g * spec_k.conj(), n=n)[..., :L].transpose(1, 2)
-        if ctx.needs_input_grad[1]:
-            dk = torch.fft.irfft((spec_g * spec_x.conj()).sum(dim=0), n=n)[:, :K].t()
-        return dx, dk
+def causal_fft_forward(x: torch.Tensor, kernel: torch.Tensor):
+    """(y in x's dtype, X = rfft(x), Kf = rfft(kernel)) for x (B, L, d), kernel (K, d) real, computed in
+    fp32 (fp64 if either is double); X and Kf are what the backward needs."""
+    dtype = _wide(x, kernel)
+    B, L, d = x.shape
+    K = kernel.shape[0]
+    if x.numel() == 0:  # torch.fft rejects an empty batch or sequence
+        n_freq = 1
+        cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+        return x.new_zeros(x.shape), x.new_zeros((B, d, n_freq), dtype=cdt), x.new_zeros((d, n_freq), dtype=cdt)
+    n = smooth_fft_length(L + K - 1)
+    spec_x = torch.fft.rfft(x.to(dtype).transpose(1, 2), n=n)       # (B, d, F)
+    spec_k = torch.fft.rfft(kernel.to(dtype).t(), n=n)              # (d, F)
+    y = torch.fft.irfft(spec_x * spec_k, n=n)[..., :L].transpose(1, 2)
+    return y.to(x.dtype), spec_x, spec_k
+
+
+def causal_fft_backward(grad_y: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, spec_x: torch.Tensor,
+                        spec_k: torch.Tensor, need_dx: bool = True, need_dkernel: bool = True):
+    """(dx, dkernel) in the inputs' dtypes, from the forward's spectra (module docstring); None for a
+    gradient not needed. The conjugates are physical: run inside an op called from a compiled graph, a
+    lazy ``conj()`` view would read as the spectrum itself (the Conjugate dispatch key is excluded there)."""
+    B, L, d = x.shape
+    K = kernel.shape[0]
+    if x.numel() == 0:
+        return (x.new_zeros(x.shape) if need_dx else None), (kernel.new_zeros(kernel.shape) if need_dkernel else None)
+    n = smooth_fft_length(L + K - 1)
+    spec_g = torch.fft.rfft(grad_y.transpose(1, 2).to(spec_k.real.dtype), n=n)
+    dx = dk = None
+    if need_dx:
+        dx = torch.fft.irfft(spec_g * spec_k.conj_physical(), n=n)[..., :L].transpose(1, 2).to(x.dtype)
+    if need_dkernel:
+        dk = torch.fft.irfft((spec_g * spec_x.conj_physical()).sum(dim=0), n=n)[:, :K].t().to(kernel.dtype)
+    return dx, dk
 
 
 def causal_filter_fft(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Unchecked torch path: computed in fp32 (fp64 if either input is double), output in x's dtype;
-    the kernel's gradient comes back in its own dtype."""
-    wide = torch.float64 in (x.dtype, kernel.dtype)
-    dtype = torch.float64 if wide else torch.float32
-    if x.numel() == 0:
-        return x * 0
-    return CausalFilterFFT.apply(x.to(dtype), kernel.to(dtype)).to(x.dtype)
+    """Unchecked torch path (the op ``m2rec::causal_filter`` with backend "torch"): computed in fp32
+    (fp64 if either input is double), output in x's dtype; differentiable, the kernel's gradient in its
+    own dtype."""
+    from .ops import causal_filter_op  # noqa: F401  (registers the op)
+
+    return torch.ops.m2rec.causal_filter(x, kernel, "torch")[0]

@@ -1,4 +1,5 @@
-"""Host side of the direct (Toeplitz) filter: tile choice, launches and the autograd Function.
+"""Host side of the direct (Toeplitz) filter: tile choice, launches and the backward's launches (the op
+that calls them, with its autograd formula, is ``ops.py``).
 
 Forward and backward of y = T_k·x (``toeplitz_kernels.py``):
     dx = T_kᵀ·dy                       (the same kernel with ANTI: the anti-causal product)
@@ -19,7 +20,11 @@ from typing import NamedTuple
 import torch
 import triton
 
+from .._library import traceable_kernel
 from .toeplitz_kernels import toeplitz_corr_kernel, toeplitz_filter_kernel
+
+# Launches that tracing understands (m2rec_kernels/_library.py).
+toeplitz_corr_kernel, toeplitz_filter_kernel = map(traceable_kernel, (toeplitz_corr_kernel, toeplitz_filter_kernel))
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -105,34 +110,19 @@ def toeplitz_corr(a: torch.Tensor, v: torch.Tensor, n_lags: int) -> torch.Tensor
     return out
 
 
-class ToeplitzFilter(torch.autograd.Function):
-    """y = T_taps·x through the direct kernel; gradients for x and the taps (K, d) fp32.
-    ``wrap`` = 0: causal taps (K <= L needed); ``wrap`` = n: taps (n, d) applied mod n."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, taps: torch.Tensor, wrap: int) -> torch.Tensor:
-        ctx.save_for_backward(x, taps)
-        ctx.wrap = wrap
-        return toeplitz_filter(x, taps, wrap=wrap)
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        x, taps = ctx.saved_tensors
-        wrap, L = ctx.wrap, x.shape[1]
-        dx = dtaps = None
-        if ctx.needs_input_grad[0]:
-            dx = toeplitz_filter(grad_y, taps, anti=True, wrap=wrap)
-        if ctx.needs_input_grad[1]:
-            if not wrap:
-                dtaps = toeplitz_corr(grad_y, x, taps.shape[0])
-            else:
-                dtaps = torch.zeros_like(taps)
-                dtaps[:L] += toeplitz_corr(grad_y, x, L)                  # lags t − s = j >= 0
-                if L > 1:                                                 # lags t − s = −j ≡ n − j
-                    dtaps[wrap - L + 1:] += toeplitz_corr(x, grad_y, L)[1:].flip(0)
-        return dx, dtaps, None
-
-
-def direct_filter(x: torch.Tensor, taps: torch.Tensor, wrap: int = 0) -> torch.Tensor:
-    """Differentiable direct filter; ``taps`` is converted to fp32 (its gradient comes back in its dtype)."""
-    return ToeplitzFilter.apply(x, taps.float(), wrap)
+def direct_filter_backward(grad_y: torch.Tensor, x: torch.Tensor, taps: torch.Tensor, wrap: int,
+                           need_dx: bool = True, need_dtaps: bool = True):
+    """(dx or None, dtaps or None) of y = T_taps·x (see the module docstring); taps (K, d) fp32."""
+    L = x.shape[1]
+    dx = dtaps = None
+    if need_dx:
+        dx = toeplitz_filter(grad_y, taps, anti=True, wrap=wrap)
+    if need_dtaps:
+        if not wrap:
+            dtaps = toeplitz_corr(grad_y, x, taps.shape[0])
+        else:
+            dtaps = torch.zeros_like(taps)
+            dtaps[:L] += toeplitz_corr(grad_y, x, L)                  # lags t − s = j >= 0
+            if L > 1:                                                 # lags t − s = −j ≡ n − j
+                dtaps[wrap - L + 1:] += toeplitz_corr(x, grad_y, L)[1:].flip(0)
+    return dx, dtaps

@@ -7,8 +7,10 @@ CUDA tensors and torch otherwise (see ``m2rec_kernels/_backend.py``).
 Dropout follows ``torch.nn.functional.dropout``: it is applied only when ``training=True`` (the
 default, like ``F.dropout``) and ``dropout_p > 0``; a module passes ``training=self.training``, so
 ``model.eval()`` turns it off. ``seed`` makes the mask reproducible (per backend: the torch and the
-Triton paths draw different random numbers); ``seed=None`` draws from torch's global RNG, so
-``torch.manual_seed`` makes runs repeatable.
+Triton paths draw different random numbers); ``seed=None`` draws a seed from torch's global RNG (as a
+tensor on the inputs' device, so no device sync and nothing a compiled graph cannot hold), so
+``torch.manual_seed`` makes runs repeatable. The op itself (``ops.py``, ``m2rec::gated_fusion``) takes
+the seed as an argument: the same seed gives the same mask, forward and backward.
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import _library
 from .._backend import resolve_backend
 from .._checks import check_tensor
+from .ops import GATED_FUSION
 from .reference import gated_fusion_ref
 
 __all__ = ["gated_fusion", "gated_fusion_ref"]
@@ -104,17 +108,19 @@ def gated_fusion(
                     f"{_OP}: backend='triton' supports float16, bfloat16 and float32; {name} is {t.dtype} "
                     "(use backend='torch' for float64)"
                 )
-        try:
-            from .function import gated_fusion_triton
-        except ImportError as exc:  # pragma: no cover - kernels not present yet
-            raise NotImplementedError(f"{_OP}: the Triton backend is not available ({exc})") from exc
-        return gated_fusion_triton(
-            list(branches), residual, gate_weight, gate_bias, ln_weight, ln_bias,
-            eps=float(eps), dropout_p=float(dropout_p), return_gates=return_gates,
-            training=training, seed=seed,
-        )
-    return gated_fusion_ref(
-        branches, residual, gate_weight, gate_bias, ln_weight, ln_bias,
-        eps=float(eps), dropout_p=float(dropout_p), return_gates=return_gates,
-        training=training, seed=seed,
-    )
+        from .function import _block_sizes
+
+        _block_sizes(residual.shape[-1])  # names the width limit of the fused kernels before any launch
+    p = float(dropout_p) if training else 0.0
+    seed_tensor = None
+    if p > 0.0:
+        if seed is None:  # drawn from torch's RNG on the inputs' device: no sync, traceable
+            seed_tensor = torch.randint(0, 2**31 - 1, (1,), device=residual.device)
+        else:
+            value = int(seed) % (2**31 - 1) if chosen == "triton" else int(seed)
+            seed_tensor = torch.tensor([value], dtype=torch.int64, device=residual.device)
+    out, gates, _, _ = _library.call(GATED_FUSION, list(branches), residual, gate_weight,
+                                     gate_bias, ln_weight, ln_bias, float(eps), p, seed_tensor, chosen)
+    if return_gates:
+        return out, gates.to(residual.dtype)
+    return out

@@ -1,4 +1,5 @@
-"""Autograd function and host wrappers for the gated fusion Triton kernels (``kernels.py``)."""
+"""Host wrappers for the gated fusion Triton kernels (``kernels.py``); the op that calls them, with its
+autograd formula, is ``ops.py``."""
 from __future__ import annotations
 
 import contextlib
@@ -6,10 +7,14 @@ from typing import List, Optional
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 
 from .._backend import triton_interpreter_enabled
+from .._library import traceable_kernel
 from .kernels import _gated_fusion_bwd_kernel, _gated_fusion_fwd_kernel
+
+# Launches that tracing understands (m2rec_kernels/_library.py).
+_gated_fusion_fwd_kernel, _gated_fusion_bwd_kernel = map(traceable_kernel, (_gated_fusion_fwd_kernel,
+                                                                            _gated_fusion_bwd_kernel))
 
 # A tile holds BLOCK_M rows of the padded width in registers for each of the k + 1 inputs; beyond
 # this width the row no longer fits and the public op must use the torch backend.
@@ -43,15 +48,11 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _draw_seed() -> int:
-    # from torch's global CPU generator, so torch.manual_seed makes runs repeatable (no device sync)
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
-
-
 def gated_fusion_forward(branches: List[torch.Tensor], residual, gate_weight, gate_bias, ln_weight, ln_bias,
-                         eps: float, dropout_p: float, seed: int):
+                         eps: float, dropout_p: float, seed: Optional[torch.Tensor]):
     """Launch the forward kernel on contiguous inputs. Returns out (input shape/dtype) and the fp32
-    saved tensors alpha (M, k), mean (M,), rstd (M,) with M = batch * L."""
+    saved tensors alpha (M, k), mean (M,), rstd (M,) with M = batch * L. ``seed``: an int64 tensor (1,)
+    on the inputs' device, read by the kernel when dropout_p > 0."""
     k = len(branches)
     d = residual.shape[-1]
     m = residual.numel() // d
@@ -69,7 +70,7 @@ def gated_fusion_forward(branches: List[torch.Tensor], residual, gate_weight, ga
             xs[0], xs[1], xs[2] if k == 3 else xs[0], residual.reshape(m, d),
             gate_weight, gate_bias, ln_weight, ln_bias,
             out, alpha, mean, rstd,
-            m, d, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+            m, d, eps, dropout_p, 1.0 / (1.0 - dropout_p), alpha if seed is None else seed,
             K=k, HAS_DROPOUT=has_dropout, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         )
     return out, alpha, mean, rstd
@@ -88,7 +89,7 @@ def _programs_for(n_tiles: int, device: torch.device) -> int:
 
 
 def gated_fusion_backward(dout, dgates, branches, residual, gate_weight, ln_weight, alpha, mean, rstd,
-                          dropout_p: float, seed: int):
+                          dropout_p: float, seed: Optional[torch.Tensor]):
     """Launch the backward kernel; returns (dbranches list, dresidual, dgate_weight, dgate_bias,
     dln_weight, dln_bias) with parameter gradients in fp32 (summed on the host in a fixed order)."""
     k = len(branches)
@@ -118,54 +119,10 @@ def gated_fusion_backward(dout, dgates, branches, residual, gate_weight, ln_weig
             dout, dgates,
             dxs[0], dxs[1], dxs[2] if k == 3 else dxs[0], dres.reshape(m, d),
             dw_part, dbg_part, dlw_part, dlb_part,
-            m, d, tiles_per_program, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+            m, d, tiles_per_program, dropout_p, 1.0 / (1.0 - dropout_p), alpha if seed is None else seed,
             K=k, HAS_DROPOUT=dropout_p > 0.0, HAS_DGATES=has_dgates,
             BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         )
     shape = residual.shape
     return ([dx.reshape(shape) for dx in dxs], dres,
             dw_part.sum(0).reshape(k, k * d), dbg_part.sum(0), dlw_part.sum(0), dlb_part.sum(0))
-
-
-class GatedFusionFunction(torch.autograd.Function):
-    """Fused gated fusion; inputs after the four options: k branches, residual, gate_weight, gate_bias,
-    ln_weight, ln_bias. Returns out, or (out, gates) when return_gates."""
-
-    @staticmethod
-    def forward(ctx, eps, dropout_p, seed, return_gates, *tensors):
-        k = len(tensors) - 5
-        branches = [t.contiguous() for t in tensors[:k]]
-        residual, gate_weight, gate_bias, ln_weight, ln_bias = (t.contiguous() for t in tensors[k:])
-        out, alpha, mean, rstd = gated_fusion_forward(
-            branches, residual, gate_weight, gate_bias, ln_weight, ln_bias, eps, dropout_p, seed)
-        ctx.save_for_backward(*branches, residual, gate_weight, ln_weight, alpha, mean, rstd)
-        ctx.k, ctx.dropout_p, ctx.seed = k, dropout_p, seed
-        ctx.param_dtypes = (gate_weight.dtype, gate_bias.dtype, ln_weight.dtype, ln_bias.dtype)
-        if return_gates:
-            return out, alpha.reshape(*residual.shape[:-1], k).to(residual.dtype)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dgates=None):
-        saved = ctx.saved_tensors
-        k = ctx.k
-        branches = list(saved[:k])
-        residual, gate_weight, ln_weight, alpha, mean, rstd = saved[k:]
-        dbranches, dres, dgw, dgb, dlw, dlb = gated_fusion_backward(
-            dout.contiguous(), dgates, branches, residual, gate_weight, ln_weight, alpha, mean, rstd,
-            ctx.dropout_p, ctx.seed)
-        dparams = [g.to(dt) for g, dt in zip((dgw, dgb, dlw, dlb), ctx.param_dtypes)]
-        return (None, None, None, None, *dbranches, dres, *dparams)
-
-
-def gated_fusion_triton(branches, residual, gate_weight, gate_bias, ln_weight, ln_bias, eps=1e-12,
-                        dropout_p=0.0, return_gates=False, training=True, seed: Optional[int] = None):
-    """Triton path of ``gated_fusion`` (inputs already validated by the public op)."""
-    if not training:
-        dropout_p = 0.0
-    if dropout_p > 0.0 and seed is None:
-        seed = _draw_seed()
-    seed = 0 if seed is None else int(seed) % (2**31 - 1)
-    return GatedFusionFunction.apply(float(eps), float(dropout_p), seed, bool(return_gates),
-                                     *branches, residual, gate_weight, gate_bias, ln_weight, ln_bias)

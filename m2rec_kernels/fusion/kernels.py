@@ -46,7 +46,7 @@ def _gated_fusion_fwd_kernel(
     X0, X1, X2, RES,          # branches and residual, (M, D) contiguous; X2 unused when K == 2
     W, BG, LW, LB,            # gate weight (K, K*D), gate bias (K,), LayerNorm weight/bias (D,)
     OUT, ALPHA, MEAN, RSTD,   # out (M, D) in the input dtype; alpha (M, K), mean, rstd (M,) fp32
-    M, D, eps, dropout_p, dropout_scale, seed,
+    M, D, eps, dropout_p, dropout_scale, SEED,  # SEED: int64 (1,), read only with dropout
     K: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -87,6 +87,7 @@ def _gated_fusion_fwd_kernel(
     tl.store(ALPHA + rows * K + 1, a1, mask=rmask)
 
     if HAS_DROPOUT:
+        seed = tl.load(SEED).to(tl.int32)  # from memory, so that a traced graph can draw it
         keep = tl.rand(seed, offs) >= dropout_p
         o = tl.where(keep, o * dropout_scale, 0.0)
 
@@ -133,7 +134,7 @@ def _gated_fusion_bwd_kernel(
     DOUT, DGATES,                      # incoming gradients; DGATES (M, K) fp32 only if HAS_DGATES
     DX0, DX1, DX2, DRES,               # input gradients, (M, D) in the input dtype
     DW_PART, DBG_PART, DLW_PART, DLB_PART,  # per-program fp32 partials: (P, K*K*D), (P, K), (P, D), (P, D)
-    M, D, tiles_per_program, dropout_p, dropout_scale, seed,
+    M, D, tiles_per_program, dropout_p, dropout_scale, SEED,
     K: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DGATES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -145,6 +146,9 @@ def _gated_fusion_bwd_kernel(
     DBG_PART += pid * K
     DLW_PART += pid * D
     DLB_PART += pid * D
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED).to(tl.int32)
     for t in range(0, tiles_per_program):
         rows = (pid * tiles_per_program + t) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M

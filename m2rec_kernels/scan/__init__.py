@@ -15,11 +15,13 @@ from typing import Optional
 
 import torch
 
+from .. import _library
 from .._backend import resolve_backend
-from .._checks import FLOAT_DTYPES, check_lengths, check_tensor
+from .._checks import FLOAT_DTYPES, check_index_pool, check_lengths, check_range, check_tensor
 from .bc_forms import check_bc
 from .cpu import cpu_scan_unavailable
-from .reference import selective_scan_final_ref, selective_scan_ref, selective_state_update_ref
+from .ops import SELECTIVE_SCAN, SELECTIVE_SCAN_FINAL, SELECTIVE_STATE_UPDATE, scan_backend
+from .reference import last_positions, selective_scan_final_ref, selective_scan_ref, selective_state_update_ref
 
 __all__ = ["selective_scan", "selective_scan_final", "selective_state_update", "selective_scan_ref",
            "selective_scan_final_ref", "selective_state_update_ref"]
@@ -127,19 +129,24 @@ def selective_scan(
     _check_flag(op, "delta_softplus", delta_softplus)
     _check_flag(op, "return_last_state", return_last_state)
 
+    chosen = _chosen_backend(op, backend, u, delta, A, B, C, D, z, delta_bias)
+    grad = _library.needs_grad(u, delta, A, B, C, D, z, delta_bias)
+    out, last, _ = _library.call(
+        SELECTIVE_SCAN, u, delta, A, B, C, D, z, delta_bias, lengths, delta_softplus,
+        return_last_state, grad, scan_backend(chosen, u.shape[0], u.shape[1], u.shape[2], grad, (B, C)))
+    return (out, last) if return_last_state else out
+
+
+def _chosen_backend(op, backend, u, delta, A, B, C, D, z, delta_bias) -> str:
+    """"torch", "cpu" or "triton": ``resolve_backend``'s choice, unless the chosen kernel does not take
+    these dtypes (then the reference, or an error when that kernel was asked for by name)."""
     chosen = resolve_backend(backend, op, u, delta, A, B, C, cpu_kernel=cpu_scan_unavailable)
     named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
-    if chosen == "triton" and _kernel_dtypes_ok(op, backend, chosen, named):
-        from .function import selective_scan_triton
-
-        return selective_scan_triton(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths
-        )
-    if chosen == "cpu" and _kernel_dtypes_ok(op, backend, chosen, named) and _cpu_kernel_takes_forms(op, backend, B, C):
-        from .cpu import selective_scan_cpu
-
-        return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths)
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths)
+    if chosen in ("triton", "cpu") and not _kernel_dtypes_ok(op, backend, chosen, named):
+        return "torch"
+    if chosen == "cpu" and not _cpu_kernel_takes_forms(op, backend, B, C):
+        return "torch"
+    return chosen
 
 
 def selective_scan_final(
@@ -168,19 +175,19 @@ def selective_scan_final(
     _check_flag(op, "delta_softplus", delta_softplus)
     if u.shape[2] < 1:
         raise ValueError(f"{op}: the sequence must have at least one step, got L = 0")
-    if lengths is not None and lengths.numel() and int(lengths.min()) < 1:
-        raise ValueError(f"{op}: every sequence needs at least one step (lengths >= 1), got min {int(lengths.min())}")
-    chosen = resolve_backend(backend, op, u, delta, A, B, C, cpu_kernel=cpu_scan_unavailable)
-    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
-    if chosen == "cpu" and _kernel_dtypes_ok(op, backend, chosen, named) and _cpu_kernel_takes_forms(op, backend, B, C):
-        from .cpu import selective_scan_final_cpu
-
-        return selective_scan_final_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths)
-    if chosen == "triton" and _kernel_dtypes_ok(op, backend, chosen, named):
-        from .function import selective_scan_final_triton
-
-        return selective_scan_final_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths)
-    return selective_scan_final_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths)
+    if lengths is not None:
+        check_range(op, "lengths", lengths, lo=1, hi=u.shape[2])  # every sequence needs at least one step
+    chosen = _chosen_backend(op, backend, u, delta, A, B, C, D, z, delta_bias)
+    batch, dim, L = u.shape
+    if _library.needs_grad(u, delta, A, B, C, D, z, delta_bias):
+        # the differentiable path: the whole scan (with its residual), then the last steps
+        out, last, _ = _library.call(
+            SELECTIVE_SCAN, u, delta, A, B, C, D, z, delta_bias, lengths, delta_softplus,
+            True, True, scan_backend(chosen, batch, dim, L, True, (B, C)))
+        idx = last_positions(lengths, batch, L, u.device)
+        return out[torch.arange(batch, device=u.device), :, idx], last
+    return _library.call(SELECTIVE_SCAN_FINAL, u, delta, A, B, C, D, z, delta_bias, lengths,
+                         delta_softplus, scan_backend(chosen, batch, dim, L, False, (B, C)))
 
 
 def selective_state_update(
@@ -194,17 +201,28 @@ def selective_state_update(
     z: Optional[torch.Tensor] = None,
     dt_bias: Optional[torch.Tensor] = None,
     dt_softplus: bool = False,
+    state_batch_indices: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """One step of the selective scan, updating ``state`` (batch, dim, N) IN PLACE (mamba_ssm's
     ``selective_state_update``): state ← exp(Δ·A)·state + Δ·x·B; out = Σ_n state·C + D·x, gated by
     silu(z). x, dt, z: (batch, dim); B, C: (batch, N); A: (dim, N); D, dt_bias: (dim,).
     Returns out (batch, dim) in x's dtype. The Triton kernel is inference-only (no autograd); "auto"
-    uses it on CUDA when no gradient is needed."""
+    uses it on CUDA when no gradient is needed.
+
+    ``state_batch_indices`` (batch,) integers (mamba_ssm's continuous batching): ``state`` is then a
+    pool (pool_size, dim, N) of per-user states and row b of x, dt, B, C, z updates pool row
+    state_batch_indices[b]; a negative index marks a padding row (its output is 0, the pool is left as
+    it is), as in mamba_ssm. Indices must lie below pool_size and must not repeat (two rows updating
+    one state would race; mamba_ssm does not check either)."""
     op = "selective_state_update"
     check_tensor(op, "state", state, ndim=3)
-    batch, dim, N = state.shape
+    _, dim, N = state.shape
     dev = state.device
+    check_tensor(op, "x", x, ndim=2)
+    batch = x.shape[0] if state_batch_indices is not None else state.shape[0]
+    if state_batch_indices is not None:
+        check_index_pool(op, "state_batch_indices", state_batch_indices, batch, state.shape[0], dev)
     check_tensor(op, "x", x, shape=(batch, dim), device=dev)
     check_tensor(op, "dt", dt, shape=(batch, dim), device=dev)
     check_tensor(op, "A", A, shape=(dim, N), dtypes=_A_DTYPES, device=dev)
@@ -222,14 +240,14 @@ def selective_state_update(
 
     chosen = resolve_backend(backend, op, state, x, dt, A, B, C)
     named = dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
-    tensors = [t for t in named.values() if t is not None]
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    wants_grad = _library.needs_grad(*named.values())
     if chosen == "triton" and wants_grad:
         if backend == "triton":
             raise ValueError(f"{op}: the Triton kernel is inference-only; an input requires grad (use backend='torch')")
         chosen = "torch"
-    if chosen == "triton" and _kernel_dtypes_ok(op, backend, chosen, named):
-        from .function import selective_state_update_triton
-
-        return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    if wants_grad:  # an op that mutates an input has no autograd formula: the differentiable reference
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+    if chosen != "triton" or not _kernel_dtypes_ok(op, backend, chosen, named):
+        chosen = "torch"  # no compiled CPU kernel for one step
+    return _library.call(SELECTIVE_STATE_UPDATE, state, x, dt, A, B, C, D, z, dt_bias,
+                         state_batch_indices, dt_softplus, chosen, mutates=state)

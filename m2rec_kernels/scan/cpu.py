@@ -100,12 +100,17 @@ def cpu_scan_status() -> CpuScanStatus:
     """Load the library once (never compiles); the first failure warns once."""
     global _status
     if _status is None:
-        _status = _load()
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        # a first call while torch.export traces: loading is not part of the traced program
+        with torch._C.DisableTorchFunction(), _disable_current_modes():
+            _status = _load()
         if not _status.available and not _status.reason.startswith("turned off"):
             warnings.warn(f"m2rec_kernels: {_status.describe()}", RuntimeWarning, stacklevel=3)
     return _status
 
 
+@torch.compiler.assume_constant_result  # loaded once per process: torch.compile takes the answer as given
 def cpu_scan_unavailable() -> Optional[str]:
     """None when ``backend="cpu"`` can run the compiled scan here, else the reason."""
     st = cpu_scan_status()

@@ -40,8 +40,16 @@ import triton
 from torch.autograd.function import once_differentiable
 
 from .._backend import triton_interpreter_enabled
+from .._library import traceable_kernel
 from .kernels import selective_scan_bwd_kernel, selective_scan_fwd_kernel, selective_state_update_kernel
 from .parallel_kernels import selective_scan_parallel_bwd_kernel, selective_scan_parallel_fwd_kernel
+
+# Launches that tracing understands (m2rec_kernels/_library.py): skipped inside a fake implementation,
+# recorded through wrap_triton under torch.compile on CUDA, plain launches otherwise.
+(selective_scan_fwd_kernel, selective_scan_bwd_kernel, selective_state_update_kernel,
+ selective_scan_parallel_fwd_kernel, selective_scan_parallel_bwd_kernel) = map(traceable_kernel, (
+    selective_scan_fwd_kernel, selective_scan_bwd_kernel, selective_state_update_kernel,
+    selective_scan_parallel_fwd_kernel, selective_scan_parallel_bwd_kernel))
 
 
 def _block_n(N: int) -> int:
@@ -539,11 +547,15 @@ def selective_scan_final_triton(u, delta, A, B, C, D, z, delta_bias, delta_softp
     return out[torch.arange(batch, device=u.device), :, idx], last
 
 
-def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    """One fused step; ``state`` is updated in place (through a contiguous copy if it is strided)."""
-    batch, dim, N = state.shape
+def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):
+    """One fused step; ``state`` is updated in place (through a contiguous copy if it is strided). With
+    ``state_batch_indices`` (batch,) the state is a pool and row b updates pool row indices[b] (< 0:
+    padding, output 0, pool untouched)."""
+    batch, dim = x.shape
+    N = state.shape[2]
     work = state if state.is_contiguous() else state.contiguous()
     x, dt, A, B, C, D, z, dt_bias = map(_contig, (x, dt, A, B, C, D, z, dt_bias))
+    indices = _contig(state_batch_indices)
     out = torch.empty_like(x)
     BLOCK_N = _block_n(N)
     # No occupancy search here: one step is memory-bound and tiny; fewer, fuller programs suffice.
@@ -552,9 +564,9 @@ def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softp
     selective_state_update_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
         work, x, dt, A, B, C,
         dummy if D is None else D, dummy if z is None else z, dummy if dt_bias is None else dt_bias,
-        out, dim, N,
+        dummy if indices is None else indices, out, dim, N,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+        HAS_INDICES=indices is not None, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
     )
     if work is not state:
         state.copy_(work)

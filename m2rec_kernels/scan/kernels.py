@@ -275,14 +275,15 @@ def selective_scan_bwd_kernel(
 
 @triton.jit
 def selective_state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, idx_ptr, out_ptr,
     dim, N,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_INDICES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One step, state (batch, dim, N) updated in place (mamba_ssm ops/triton/selective_state_update.py
     semantics); grid (batch, cdiv(dim, BLOCK_D)). The output uses the fp32 new state, before it is
-    rounded to the state's storage dtype."""
+    rounded to the state's storage dtype. With HAS_INDICES the state is a pool (pool, dim, N) and row b
+    updates pool row idx[b]; a negative index (padding) stores an output of 0 and leaves the pool."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -290,7 +291,14 @@ def selective_state_update_kernel(
     mask_d = offs_d < dim
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    state_ptrs = state_ptr + (pid_b * dim + offs_d[:, None]) * N + offs_n[None, :]
+    row = pid_b
+    if HAS_INDICES:
+        row = tl.load(idx_ptr + pid_b).to(tl.int64)
+        if row < 0:
+            tl.store(out_ptr + pid_b * dim + offs_d, tl.zeros((BLOCK_D,), tl.float32).to(out_ptr.dtype.element_ty),
+                     mask=mask_d)
+            return
+    state_ptrs = state_ptr + (row * dim + offs_d[:, None]) * N + offs_n[None, :]
     s = tl.load(state_ptrs, mask=mask_dn, other=0.0).to(tl.float32)
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + pid_b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)

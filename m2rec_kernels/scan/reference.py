@@ -374,22 +374,37 @@ def selective_state_update_ref(
     z: Optional[torch.Tensor] = None,
     dt_bias: Optional[torch.Tensor] = None,
     dt_softplus: bool = False,
+    state_batch_indices: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One step of the scan (mamba_ssm ``ops/triton/selective_state_update.py`` semantics).
 
     state (batch, dim, N) is updated in place; x, dt, z: (batch, dim); B, C: (batch, N).
     Returns out (batch, dim) in x's dtype. The output is computed from the new state before it is
-    rounded to the state's storage dtype (as mamba's Triton kernel does)."""
+    rounded to the state's storage dtype (as mamba's Triton kernel does).
+
+    With ``state_batch_indices`` (batch,) the state is a pool (pool_size, dim, N): row b of x, dt, B, C
+    and z updates pool row state_batch_indices[b]; a negative index is padding (that row's output is
+    0 and the pool is left as it is). Indices must be distinct and below pool_size (checked by the
+    public function)."""
     cdt = compute_dtype(state, x, A)
+    idx = state_batch_indices
+    valid = None if idx is None else idx >= 0
+    old = state if idx is None else state[idx.clamp(min=0)]  # padding rows read row 0, then are dropped
     dt = effective_delta(dt, dt_bias, dt_softplus, cdt)  # (b, d)
     decay = torch.exp(dt.unsqueeze(-1) * A.to(cdt))  # (b, d, N)
     drive = (dt * x.to(cdt)).unsqueeze(-1) * B.to(cdt).unsqueeze(1)
-    new_state = torch.addcmul(drive, decay, state.to(cdt))
+    new_state = torch.addcmul(drive, decay, old.to(cdt))
     with torch.no_grad():
-        state.copy_(new_state)
+        if idx is None:
+            state.copy_(new_state)
+        else:
+            rows = valid.nonzero()[:, 0]
+            state.index_copy_(0, idx[rows].long(), new_state[rows].to(state.dtype))
     out = torch.einsum("bdn,bn->bd", new_state, C.to(cdt))
     if D is not None:
         out = out + x.to(cdt) * D.to(cdt)
     if z is not None:
         out = out * F.silu(z.to(cdt))
+    if valid is not None:
+        out = torch.where(valid[:, None], out, torch.zeros((), dtype=cdt, device=out.device))
     return out.to(x.dtype)

@@ -190,3 +190,26 @@ def test_cpu_threads_setting(monkeypatch):
         monkeypatch.setenv("M2REC_BENCH_THREADS", bad)
         with pytest.raises(ValueError, match="M2REC_BENCH_THREADS"):
             cpu_threads()
+
+
+def test_summary_tables_compute_ratios_from_the_rows():
+    """The README's tables (bench/summary.py) take every figure and ratio from the result rows."""
+    from .summary import summary
+
+    def row(kind, name, backend, L, batch, ms, status="ok"):
+        return dict(kind=kind, name=name, backend=backend, L=L, batch=batch, status=status, median_ms=ms)
+
+    rows = [row("inference", "m2rec", "cpu", 200, 64, 20.0), row("inference", "sasrec", "sdpa", 200, 64, 50.0),
+            row("inference", "m2rec", "torch", 200, 64, None, status="not run"),
+            row("streaming", "m2rec", "cpu", 200, 64, 0.8),
+            row("op_forward", "selective_scan", "cpu", 200, 64, 10.0),
+            row("op_forward", "selective_scan", "torch", 200, 64, 110.0),
+            row("training_processes", "m2rec", "torch, 1 process", 200, 64, 1800.0),
+            row("training_processes", "m2rec", "torch, 2 processes", 200, 64, 900.0)]
+    machine = dict(cpu_model="Test CPU", cpu_cores=2, timing_threads=1, torch="x", triton="y", utc_time="t")
+    text = summary(dict(rows=rows, machine=machine, load_average_during_run=[1.0, 1.0], suite_seconds=60.0))
+    assert "| 64 | 200 | 20.0 ms | 50.0 ms | 0.40 |" in text  # the not-run torch column is left out
+    assert "| m2rec (cpu) | 64 | 200 | 0.80 ms | 20.0 ms | 0.04 |" in text
+    assert "| selective_scan | forward | 64 | 200 | 10.0 ms | 110.0 ms | 11.0× |" in text
+    assert "| m2rec (torch, 2 processes) | 64 | 200 | 900.0 ms | 2.00 |" in text
+    assert "Test CPU" in text and "Training step" not in text  # no training rows: no table

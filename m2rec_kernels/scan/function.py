@@ -1,4 +1,5 @@
-"""Host side of the Triton selective scan: launch wrappers, the kernel choice and the autograd Function.
+"""Host side of the Triton selective scan: launch wrappers and the kernel choice (the registered ops in
+``ops.py`` call them; their autograd formulas live there).
 
 Two kernel families (DESIGN §4):
 
@@ -37,7 +38,6 @@ from typing import Optional
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 
 from .._backend import triton_interpreter_enabled
 from .._library import traceable_kernel
@@ -463,88 +463,6 @@ def _parallel_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, leng
     dD = None if D is None else dD_part.sum((0, 1))
     dbias = None if delta_bias is None else dbias_part.sum((0, 1))
     return du, ddelta, dz, dA, dB, dC, dD, dbias
-
-
-# --------------------------------------------------------------------------------- autograd Function
-
-class SelectiveScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths):
-        needs_grad = any(ctx.needs_input_grad)
-        L = u.shape[2]
-        parallel = use_time_parallel(u.shape[0], u.shape[1], L, needs_grad, (B, C))
-        A, D, delta_bias, lengths = map(_contig, (A, D, delta_bias, lengths))
-        if parallel:
-            u, delta, z, B, C = map(_time_strided, (u, delta, z, B, C))
-            A = A.float()
-            out, states, _ = _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths,
-                                               store_out=True, store_states=return_last_state, last_out=False)
-            n_tiles = 1 if states is None else states.shape[1]
-            last = None
-            if return_last_state:
-                last = states[:, -1] if n_tiles == 1 else states[:, -1].clone()
-            saved_states = states if n_tiles > 1 else None
-        else:
-            u, delta, B, C, z = map(_contig, (u, delta, B, C, z))
-            out, last, saved_states = _sequential_forward(
-                u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths,
-                store_last=return_last_state, store_ckpt=needs_grad)
-        if needs_grad:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, lengths, saved_states)
-            ctx.delta_softplus = delta_softplus
-            ctx.parallel = parallel
-            ctx.dtypes = (A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
-                          None if delta_bias is None else delta_bias.dtype)
-        ctx.set_materialize_grads(False)
-        if return_last_state:
-            return out, last
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dlast=None):
-        u, delta, A, B, C, D, z, delta_bias, lengths, states = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(u)
-        dlast = None if dlast is None else dlast.contiguous()
-        if ctx.parallel:
-            dout = _time_strided(dout)
-            grads = _parallel_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, lengths, states,
-                                       dout, dlast)
-        else:
-            grads = _sequential_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, lengths, states,
-                                         dout.contiguous(), dlast)
-        du, ddelta, dz, dA, dB, dC, dD, dbias = grads
-        A_dt, B_dt, C_dt, D_dt, bias_dt = ctx.dtypes
-        return (du, ddelta, dA.contiguous().to(A_dt), dB.to(B_dt), dC.to(C_dt),
-                None if dD is None else dD.to(D_dt), dz, None if dbias is None else dbias.to(bias_dt),
-                None, None, None)
-
-
-def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths):
-    """Fused Triton selective scan (inputs already validated by the public op)."""
-    return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths)
-
-
-def selective_scan_final_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths):
-    """(out at each sequence's last step (batch, dim), last state (batch, dim, N) fp32); lengths >= 1.
-    Without gradients and on the time-parallel path, the kernel stores no per-step output: only
-    the end states, and y at the last step from them. Otherwise the whole scan runs and the last
-    steps are gathered (differentiable)."""
-    from .reference import last_positions
-
-    batch, dim, L = u.shape
-    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if not wants_grad and use_time_parallel(batch, dim, L, bcs=(B, C)):
-        u, delta, z, B, C = map(_time_strided, (u, delta, z, B, C))
-        A, D, delta_bias, lengths = map(_contig, (A.float(), D, delta_bias, lengths))
-        _, states, out_last = _parallel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths,
-                                                store_out=False, store_states=True, last_out=True)
-        return out_last, states[:, -1]
-    out, last = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, lengths)
-    idx = last_positions(lengths, batch, L, u.device)
-    return out[torch.arange(batch, device=u.device), :, idx], last
 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):

@@ -322,7 +322,7 @@ def _backward_lowrank(ctx, dout, dlast):
     u, dt_low, dt_weight, A, B, C, D, z, delta_bias, lengths = ctx.saved_tensors
     batch, dim, L = u.shape
     base = "triton" if ctx.backend in _library.TRITON_BACKENDS else ctx.backend
-    backend = scan_backend(base, batch, dim, L, needs_grad=True)
+    backend = scan_backend(base, batch, dim, L, True, (B, C))
 
     def scan(u, dt_low, dt_weight, A, B, C, D, z, delta_bias):
         out, last, _ = torch.ops.m2rec.selective_scan(u, form_delta(dt_low, dt_weight), A, B, C, D, z, delta_bias,

@@ -105,6 +105,10 @@ def test_layer_counts_one_full_and_one_final_scan(monkeypatch):
         fn = getattr(mamba_mixer_module, attr)
         monkeypatch.setattr(mamba_mixer_module, attr,
                             lambda *a, _fn=fn, _k=kind, **k: (calls.__setitem__(_k, calls[_k] + 1), _fn(*a, **k))[1])
+    lowrank = mamba_mixer_module.selective_scan_lowrank  # the time-major (CPU) path: final= says which
+    monkeypatch.setattr(mamba_mixer_module, "selective_scan_lowrank",
+                        lambda *a, **k: (calls.__setitem__(_kind := "final" if k["final"] else "full", calls[_kind] + 1),
+                                         lowrank(*a, **k))[1])
     model = m2rec(2)
     last = model.layers[1]
     monkeypatch.setattr(last.filter, "forward", lambda *a: pytest.fail("the last causal filter ran in full"))

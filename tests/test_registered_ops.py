@@ -15,8 +15,8 @@ from m2rec_kernels import _library, causal_conv1d, causal_filter, fft_filter, ga
 from m2rec_kernels._backend import triton_interpreter_enabled
 from m2rec_kernels.scan.cpu import cpu_scan_status
 
-OPS = ("selective_scan", "selective_scan_backward", "selective_scan_final", "selective_state_update",
-       "fft_filter", "fft_filter_backward", "causal_filter", "causal_filter_backward", "gated_fusion",
+OPS = ("selective_scan", "selective_scan_backward", "selective_scan_final", "selective_scan_lowrank",
+       "selective_state_update", "fft_filter", "fft_filter_backward", "causal_filter", "causal_filter_backward", "gated_fusion",
        "gated_fusion_backward", "causal_conv1d", "causal_conv1d_backward")
 
 

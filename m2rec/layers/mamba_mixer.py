@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from m2rec_kernels import causal_conv1d, selective_scan, selective_scan_final, selective_state_update
 from m2rec_kernels._checks import check_lengths, check_tensor
+from m2rec_kernels.scan import selective_scan_lowrank
 
 DT_INITS = ("random", "constant")
 #: positions (rows x L) per batch slice of the last-position path on CPU (``MambaMixer._run_last``): at
@@ -196,8 +197,8 @@ class MambaMixer(nn.Module):
         return out if bias is None else out + bias[:, None].to(out.dtype)
 
     def _conv_ssm_inputs(self, x_in: torch.Tensor, time_major: bool, last: Optional[torch.Tensor] = None):
-        """Causal conv + SiLU of x_in (batch, d_inner, L), then the scan's x, delta, B, C (batch, ·, L)
-        views. With ``last`` (batch,) C is needed at those positions only (the final-form scan reads
+        """Causal conv + SiLU of x_in (batch, d_inner, L), then the scan's x, dt (the low-rank delta
+        before dt_proj, (batch, dt_rank, L)), B, C (batch, ·, L) views. With ``last`` (batch,) C is needed at those positions only (the final-form scan reads
         nothing else): it is projected there and broadcast along L."""
         x = causal_conv1d(x_in, self.conv1d.weight[:, 0, :], self.conv1d.bias, activation="silu",
                           backend=self.backend)
@@ -212,8 +213,23 @@ class MambaMixer(nn.Module):
             dt, B = torch.split(F.linear(x_rows, w[:R + N]), [R, N], dim=-1)
             x_last = x_rows[torch.arange(x.shape[0], device=x.device), last]
             C = F.linear(x_last, w[R + N:])[:, :, None].expand(-1, -1, x.shape[2])
-        delta = self._project(dt, self.dt_proj.weight, None, time_major)  # the dt bias is applied in the scan
-        return x, delta, B.transpose(1, 2), C
+        return x, dt.transpose(1, 2), B.transpose(1, 2), C
+
+    def _ssm(self, x, dt, A, B, C, D, z, dt_bias, lengths, want_last: bool, final: bool, time_major: bool):
+        """The scan with delta = dt_proj.weight @ dt (the dt bias and softplus applied in the scan): as
+        ``selective_scan`` or, with ``final``, ``selective_scan_final``. Time-major (CPU) through
+        ``selective_scan_lowrank``, where the compiled scan forms delta in registers when no gradient
+        is needed (measured at L 2000, DESIGN §4.1); channels-first (CUDA) delta is formed here."""
+        if time_major:
+            return selective_scan_lowrank(x, dt, self.dt_proj.weight, A, B, C, D=D, z=z, delta_bias=dt_bias,
+                                          delta_softplus=True, return_last_state=want_last, lengths=lengths,
+                                          final=final, backend=self.backend)
+        delta = self._project(dt.transpose(1, 2), self.dt_proj.weight, None, time_major)
+        if final:
+            return selective_scan_final(x, delta, A, B, C, D=D, z=z, delta_bias=dt_bias, delta_softplus=True,
+                                        lengths=lengths, backend=self.backend)
+        return selective_scan(x, delta, A, B, C, D=D, z=z, delta_bias=dt_bias, delta_softplus=True,
+                              return_last_state=want_last, lengths=lengths, backend=self.backend)
 
     def _conv_window(self, x_in: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
         """The conv state after each sequence: x_in at its last d_conv steps (zeros before the start),
@@ -248,10 +264,9 @@ class MambaMixer(nn.Module):
         else:
             x_in, z = xz.split(di, dim=1)
         conv_state = self._conv_window(x_in, lengths) if want_states else None
-        x, delta, B, C = self._conv_ssm_inputs(x_in, time_major)
-        result = selective_scan(x, delta, A, B, C, D=D, z=z, delta_bias=dt_bias, delta_softplus=True,
-                                return_last_state=want_states, lengths=lengths if want_states else None,
-                                backend=self.backend)
+        x, dt, B, C = self._conv_ssm_inputs(x_in, time_major)
+        result = self._ssm(x, dt, A, B, C, D, z, dt_bias, lengths if want_states else None, want_states,
+                           False, time_major)
         y, ssm_state = result if want_states else (result, None)
         return self.out_proj(y.transpose(1, 2)), conv_state, ssm_state
 
@@ -278,11 +293,10 @@ class MambaMixer(nn.Module):
         last = (lengths if lengths is not None else torch.full_like(rows, hidden_states.shape[1])) - 1
         x_in = self._in_proj(hidden_states, slice(0, di), time_major)
         conv_state = self._conv_window(x_in, lengths) if want_states else None
-        x, delta, B, C = self._conv_ssm_inputs(x_in, time_major, last)
+        x, dt, B, C = self._conv_ssm_inputs(x_in, time_major, last)
         bias = self.in_proj.bias
         z = F.linear(hidden_states[rows, last], self.in_proj.weight[di:], None if bias is None else bias[di:])
-        y, ssm_state = selective_scan_final(x, delta, A, B, C, D=D, delta_bias=dt_bias, delta_softplus=True,
-                                            lengths=lengths, backend=self.backend)
+        y, ssm_state = self._ssm(x, dt, A, B, C, D, None, dt_bias, lengths, True, True, time_major)
         return self.out_proj(y * F.silu(z)), conv_state, ssm_state
 
     # ----- mamba_ssm's interface ----------------------------------------------------------------

@@ -102,7 +102,14 @@ class M2Rec(SequentialRecommender):
             )
 
     def _embed(self, items: torch.Tensor) -> torch.Tensor:
-        """h0 = LayerNorm(dropout(E[items])) for ids of any shape."""
+        """h0 = LayerNorm(dropout(E[items])) for ids of any shape. Without dropout and gradients (serving)
+        and with more positions than catalogue rows, LayerNorm(E)[items]: the norm is per row, so the
+        same values, normalised once per item instead of once per position (measured at batch 64, L 2000,
+        one thread: 2.5 ms against 24-34 ms, ~10% of ``scores``)."""
+        table = self.item_embedding.weight
+        if (items.numel() > table.shape[0] and not (self.training and self.embedding_dropout.p > 0)
+                and not (torch.is_grad_enabled() and table.requires_grad)):
+            return F.embedding(items, self.embedding_norm(table))
         return self.embedding_norm(self.embedding_dropout(self.item_embedding(items)))
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

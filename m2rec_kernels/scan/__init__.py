@@ -20,7 +20,8 @@ from .._backend import resolve_backend
 from .._checks import FLOAT_DTYPES, check_index_pool, check_lengths, check_range, check_tensor
 from .bc_forms import check_bc
 from .cpu import cpu_scan_unavailable
-from .ops import SELECTIVE_SCAN, SELECTIVE_SCAN_FINAL, SELECTIVE_STATE_UPDATE, scan_backend
+from .ops import SELECTIVE_SCAN, SELECTIVE_SCAN_FINAL, SELECTIVE_SCAN_LOWRANK, SELECTIVE_STATE_UPDATE, form_delta, \
+    scan_backend
 from .reference import last_positions, selective_scan_final_ref, selective_scan_ref, selective_state_update_ref
 
 __all__ = ["selective_scan", "selective_scan_final", "selective_state_update", "selective_scan_ref",
@@ -69,7 +70,8 @@ def _check_scan_inputs(op, u, delta, A, B, C, D, z, delta_bias, lengths) -> None
     check_tensor(op, "u", u, ndim=3)
     batch, dim, L = u.shape
     dev = u.device
-    check_tensor(op, "delta", delta, shape=(batch, dim, L), device=dev)
+    if delta is not None:  # None: given in low-rank form (selective_scan_lowrank checks it)
+        check_tensor(op, "delta", delta, shape=(batch, dim, L), device=dev)
     if isinstance(A, torch.Tensor) and A.is_complex():
         raise TypeError(f"{op}: A is {str(A.dtype).replace('torch.', '')}; complex A (mamba_ssm's complex "
                         "state, with B/C as interleaved real/imaginary pairs) is not supported: A must be real "
@@ -188,6 +190,46 @@ def selective_scan_final(
         return out[torch.arange(batch, device=u.device), :, idx], last
     return _library.call(SELECTIVE_SCAN_FINAL, u, delta, A, B, C, D, z, delta_bias, lengths,
                          delta_softplus, scan_backend(chosen, batch, dim, L, False, (B, C)))
+
+
+def selective_scan_lowrank(u, dt_low, dt_weight, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False, lengths=None, final=False, backend="auto"):
+    """``selective_scan`` (``final=False``) or ``selective_scan_final`` (``final=True``) with delta given
+    by Mamba's low-rank dt projection: delta = dt_weight @ dt_low per position, dt_low (batch, R, L),
+    dt_weight (dim, R) (``dt_proj.weight``; its bias is ``delta_bias``). Returns what those return.
+    Internal (``MambaMixer``'s): without gradients on the compiled CPU scan, delta is formed per step
+    in registers and the (batch, dim, L) delta tensor never exists; otherwise delta is formed and the
+    public function runs (the same ops, layouts and gradients as forming it by hand)."""
+    op = "selective_scan_final" if final else "selective_scan"
+    check_tensor(op, "u", u, ndim=3)
+    batch, dim, L = u.shape
+    check_tensor(op, "dt_weight", dt_weight, ndim=2, device=u.device)
+    if dt_weight.shape[0] != dim or dt_weight.shape[1] < 1:
+        raise ValueError(f"{op}: dt_weight must have shape (dim={dim}, R >= 1), got {tuple(dt_weight.shape)}")
+    check_tensor(op, "dt_low", dt_low, shape=(batch, dt_weight.shape[1], L), device=u.device)
+    tensors = (u, dt_low, dt_weight, A, B, C, D, z, delta_bias)
+    chosen = None
+    if not _library.needs_grad(*tensors):
+        chosen = _chosen_backend(op, backend, u, dt_low, A, B, C, D, z, delta_bias)
+        if chosen == "cpu" and not _kernel_dtypes_ok(op, backend, chosen, dict(dt_weight=dt_weight)):
+            chosen = None
+    if chosen != "cpu":
+        delta = form_delta(dt_low, dt_weight)
+        if final:
+            return selective_scan_final(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, backend)
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, lengths,
+                              backend)
+    _check_scan_inputs(op, u, None, A, B, C, D, z, delta_bias, lengths)
+    _check_flag(op, "delta_softplus", delta_softplus)
+    _check_flag(op, "return_last_state", return_last_state)
+    if final:
+        if L < 1:
+            raise ValueError(f"{op}: the sequence must have at least one step, got L = 0")
+        if lengths is not None:
+            check_range(op, "lengths", lengths, lo=1, hi=L)
+    out, last = _library.call(SELECTIVE_SCAN_LOWRANK, u, dt_low, dt_weight, A, B, C, D, z, delta_bias, lengths,
+                              delta_softplus, return_last_state, final, "cpu")
+    return (out, last) if final or return_last_state else out
 
 
 def selective_state_update(

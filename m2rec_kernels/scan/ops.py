@@ -1,5 +1,6 @@
 """The selective scan's registered ops (``m2rec::selective_scan``, ``m2rec::selective_scan_backward``,
-``m2rec::selective_scan_final``, ``m2rec::selective_state_update``; see ``m2rec_kernels/_library.py``).
+``m2rec::selective_scan_final``, ``m2rec::selective_scan_lowrank`` (internal: delta from Mamba's
+low-rank dt projection), ``m2rec::selective_state_update``; see ``m2rec_kernels/_library.py``).
 
 The public functions in ``__init__.py`` validate, choose the backend and call these. ``backend`` is one
 of "torch" (the reference), "cpu" (the compiled CPU scan), "triton" (the time-parallel Triton kernels)
@@ -263,6 +264,83 @@ selective_scan_final_op = _library.register("selective_scan_final", _selective_s
                                             _selective_scan_final_fake)
 selective_scan_final_op.register_autograd(_backward_final, setup_context=_setup_final)
 SELECTIVE_SCAN_FINAL = torch.ops.m2rec.selective_scan_final.default
+
+
+# ---------------------------------------------------------------------------- selective_scan_lowrank
+
+def form_delta(dt_low: Tensor, dt_weight: Tensor) -> Tensor:
+    """delta = dt_weight @ dt_low per position, (batch, dim, L), laid out as dt_low: time-major (a
+    (batch * L, R) x (R, dim) product) when dt_low is the (batch, R, L) transpose of a time-major
+    tensor, else channels-first."""
+    w = dt_weight.to(dt_low.dtype)
+    if dt_low.shape[2] > 1 and dt_low.stride(2) != 1 and dt_low.stride(1) == 1:
+        return torch.nn.functional.linear(dt_low.transpose(1, 2), w).transpose(1, 2)
+    return torch.matmul(w, dt_low)
+
+
+def _selective_scan_lowrank(u: Tensor, dt_low: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                            D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                            lengths: Optional[Tensor], delta_softplus: bool, return_last_state: bool, final: bool,
+                            backend: str) -> tuple[Tensor, Tensor]:
+    """The scan with delta = dt_weight @ dt_low (Mamba's dt_proj, its bias being delta_bias): (out, last
+    state) as ``selective_scan`` (``final=False``; last state an empty placeholder without
+    ``return_last_state``) or ``selective_scan_final`` (``final=True``). The compiled CPU scan forms
+    delta per step in registers (csrc/scan_api.h delta_weight); the other backends form it first."""
+    if backend == "cpu":
+        mode = _CPU_MODE_FINAL if final else _CPU_MODE_OUT
+        out, last, _ = torch.ops.m2rec_scan_cpu.forward(u, dt_low, A, B, C, D, z, delta_bias, lengths, delta_softplus,
+                                                        mode, return_last_state or final, _cpu_isa(), dt_weight)
+        return out, last
+    delta = form_delta(dt_low, dt_weight)
+    if final:
+        return _selective_scan_final(u, delta, A, B, C, D, z, delta_bias, lengths, delta_softplus, backend)
+    out, last, _ = _selective_scan(u, delta, A, B, C, D, z, delta_bias, lengths, delta_softplus, return_last_state,
+                                   False, backend)
+    return out, last
+
+
+def _selective_scan_lowrank_fake(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, lengths, delta_softplus,
+                                 return_last_state, final, backend):
+    if final:
+        return _selective_scan_final_fake(u, u, A, B, C, D, z, delta_bias, lengths, delta_softplus, backend)
+    out, last, _ = _selective_scan_fake(u, u, A, B, C, D, z, delta_bias, lengths, delta_softplus, return_last_state,
+                                        False, backend)
+    return out, last
+
+
+def _setup_lowrank(ctx, inputs, output):
+    u, dt_low, dt_weight, A, B, C, D, z, delta_bias, lengths, delta_softplus, return_last_state, final, backend = inputs
+    ctx.save_for_backward(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, lengths)
+    ctx.delta_softplus, ctx.backend, ctx.final = delta_softplus, backend, final
+    ctx.has_last = return_last_state or final
+    ctx.set_materialize_grads(False)
+
+
+def _backward_lowrank(ctx, dout, dlast):
+    """Not the serving path (``lowrank.selective_scan_lowrank`` forms delta and runs the plain scan when
+    a gradient is needed): the gradients of the formed-delta scan, through its registered autograd."""
+    u, dt_low, dt_weight, A, B, C, D, z, delta_bias, lengths = ctx.saved_tensors
+    batch, dim, L = u.shape
+    base = "triton" if ctx.backend in _library.TRITON_BACKENDS else ctx.backend
+    backend = scan_backend(base, batch, dim, L, True, (B, C))
+
+    def scan(u, dt_low, dt_weight, A, B, C, D, z, delta_bias):
+        out, last, _ = torch.ops.m2rec.selective_scan(u, form_delta(dt_low, dt_weight), A, B, C, D, z, delta_bias,
+                                                      lengths, ctx.delta_softplus, True, True, backend)
+        if ctx.final:
+            out = out[torch.arange(batch, device=u.device), :, last_positions(lengths, batch, L, u.device)]
+        return out, last
+
+    present = (u, dt_low, dt_weight, A, B, C, D, z, delta_bias)
+    grads = _library.reference_vjp(scan, present, ctx.needs_input_grad[:9],
+                                   (dout, dlast if ctx.has_last else None))
+    return (*grads, None, None, None, None, None)
+
+
+selective_scan_lowrank_op = _library.register("selective_scan_lowrank", _selective_scan_lowrank,
+                                              _selective_scan_lowrank_fake)
+selective_scan_lowrank_op.register_autograd(_backward_lowrank, setup_context=_setup_lowrank)
+SELECTIVE_SCAN_LOWRANK = torch.ops.m2rec.selective_scan_lowrank.default
 
 
 # ---------------------------------------------------------------------------- selective_state_update

@@ -47,6 +47,11 @@ struct ScanParams {
   const float* D;                                  // (dim,) or nullptr
   const float* delta_bias;                         // (dim,) or nullptr
   const int64_t* lengths;                          // (batch,) or nullptr (every row has L steps)
+  // Low-rank delta (forward only): with delta_weight, `delta` holds dt_low (batch, R, L) and the raw
+  // delta is formed per step in registers, delta[b, d, t] = sum_r delta_weight[d, r] * dt_low[b, r, t]
+  // (Mamba's dt_proj without its bias), so the (batch, dim, L) delta tensor never exists.
+  const float* delta_weight;                       // (dim, R) contiguous, or nullptr: delta given
+  int64_t delta_rank;                              // R
   bool softplus;
   // forward outputs
   SeqOut out;                                      // (batch, dim, L), modes kForwardOut*

@@ -141,10 +141,11 @@ struct Block {
   int64_t dB0, dC0; // offsets of this block's (batch row, group) in dB_part / dC_part, state 0, step 0
   Vec bias, Dv;
   float* A2;  // [N][W]: A * log2(e) (exp(delta A) = exp2(delta A2)), zero on padded lanes
+  float* Wd;  // [R][W]: the low-rank delta's weight columns for these channels (p.delta_weight only)
   float A2lo, A2hi;  // their range, for fast_exp_ok
 };
 
-inline Block make_block(const ScanParams& p, int64_t task, float* A2) {
+inline Block make_block(const ScanParams& p, int64_t task, float* A2, float* Wd = nullptr) {
   Block k;
   k.b = task / p.n_blocks;
   k.block = task % p.n_blocks;
@@ -170,9 +171,28 @@ inline Block make_block(const ScanParams& p, int64_t task, float* A2) {
     hi = max(hi, a2);
   }
   k.A2 = A2;
+  k.Wd = Wd;
+  if (p.delta_weight)
+    for (int64_t r = 0; r < p.delta_rank; ++r)
+      gather_lanes(p.delta_weight + k.d0 * p.delta_rank + r, p.delta_rank, k.lanes).store(Wd + r * W);
   k.A2lo = min_lane(lo);
   k.A2hi = max_lane(hi);
   return k;
+}
+
+// The raw delta of steps t0 .. t0+nt from the low-rank input (p.delta_weight): dt[t] = sum_r Wd[r] *
+// dt_low[b, r, t0 + t], R broadcast FMAs per step instead of a (dim)-wide load from a tensor that
+// would have to be formed (and streamed through memory) first.
+inline void lowrank_delta(const ScanParams& p, const Block& k, int64_t t0, int nt, float* dt) {
+  const SeqIn& s = p.delta;
+  const float* src = s.data + k.b * s.sb + t0 * s.st;
+  const int64_t R = p.delta_rank;
+  for (int t = 0; t < nt; ++t) {
+    const float* col = src + t * s.st;
+    Vec x = Vec::zero();
+    for (int64_t r = 0; r < R; ++r) x = fma(Vec::load(k.Wd + r * W), Vec::bcast(col[r * s.sr]), x);
+    x.store(dt + t * W);
+  }
 }
 
 // Time-major delta for steps t0 .. t0+nt: dt = delta (+ bias) (-> softplus), zero at the steps
@@ -181,7 +201,10 @@ inline Block make_block(const ScanParams& p, int64_t task, float* A2) {
 // exponents dt * A2 lie where the cheaper exp2_product is exact (fast_exp_ok).
 inline bool prep_delta(const ScanParams& p, const Block& k, int64_t t0, int nt, int nv, float* dt,
                        float* dtu, float* uu, float* dsp) {
-  load_tile(p.delta, k.b, k.d0, t0, k.lanes, nt, dt);
+  if (p.delta_weight)
+    lowrank_delta(p, k, t0, nt, dt);
+  else
+    load_tile(p.delta, k.b, k.d0, t0, k.lanes, nt, dt);
   load_tile(p.u, k.b, k.d0, t0, k.lanes, nt, uu);
   const Vec one = Vec::bcast(1.0f), thr = Vec::bcast(kSoftplusThreshold);
   Vec dlo = Vec::zero(), dhi = Vec::zero();
@@ -283,8 +306,10 @@ template <bool kY, bool kCkpt>
 void forward_tasks(const ScanParams& p, int64_t begin, int64_t end) {
   FlushDenormals ftz;
   const int64_t N = p.N;
-  Scratch s(Scratch::need(N * W) * 2 + Scratch::need(kChunk * W) * 6);
+  const int64_t R = p.delta_weight ? p.delta_rank : 0;
+  Scratch s(Scratch::need(N * W) * 2 + Scratch::need(R * W) + Scratch::need(kChunk * W) * 6);
   float* A2 = s.take(N * W);
+  float* Wd = s.take(R * W);
   float* h = s.take(N * W);
   float* dt = s.take(kChunk * W);
   float* dtu = s.take(kChunk * W);
@@ -293,7 +318,7 @@ void forward_tasks(const ScanParams& p, int64_t begin, int64_t end) {
   float* zz = s.take(kChunk * W);
   float* o = s.take(kChunk * W);
   for (int64_t task = begin; task < end; ++task) {
-    Block k = make_block(p, task, A2);
+    Block k = make_block(p, task, A2, Wd);
     for (int64_t i = 0; i < N * W; ++i) h[i] = 0.0f;
     // without y, the steps after the sequence's end change nothing: stop at its length
     const int64_t steps = kY ? p.L : k.len;

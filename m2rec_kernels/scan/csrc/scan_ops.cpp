@@ -83,7 +83,7 @@ at::Tensor seq_new(const at::Tensor& like, int64_t batch, int64_t dim, int64_t L
 }
 
 struct Inputs {  // tensors kept alive while the kernels read them
-  at::Tensor u, delta, A, B, C, D, z, bias, lengths;
+  at::Tensor u, delta, A, B, C, D, z, bias, lengths, delta_weight;
 };
 
 Inputs prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -133,6 +133,10 @@ ScanParams params_for(const Inputs& in, const KernelTable* k, bool softplus) {
   p.delta_bias = ptr_or_null(in.bias);
   p.lengths = in.lengths.defined() ? in.lengths.data_ptr<int64_t>() : nullptr;
   p.softplus = softplus;
+  if (in.delta_weight.defined()) {
+    p.delta_weight = in.delta_weight.data_ptr<float>();
+    p.delta_rank = in.delta_weight.size(1);
+  }
   return p;
 }
 
@@ -162,6 +166,16 @@ at::Tensor cast_like(const at::Tensor& x, const at::Tensor& like) {
   return x.scalar_type() == like.scalar_type() ? x : x.to(like.scalar_type());
 }
 
+// With delta_weight (dim, R), `delta` is the low-rank dt_low (batch, R, L) (see scan_api.h).
+void check_low_rank(const at::Tensor& u, const at::Tensor& dt_low, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == u.size(1) && w.size(1) >= 1,
+              "m2rec_scan_cpu.forward: delta_weight must be (dim=", u.size(1), ", R >= 1), got ", w.sizes());
+  TORCH_CHECK(dt_low.dim() == 3 && dt_low.size(0) == u.size(0) && dt_low.size(1) == w.size(1) &&
+                  dt_low.size(2) == u.size(2),
+              "m2rec_scan_cpu.forward: with delta_weight, delta must be dt_low (batch, R, L) = (", u.size(0), ", ",
+              w.size(1), ", ", u.size(2), "), got ", dt_low.sizes());
+}
+
 // mode: ForwardMode. Returns (out, last_state, ckpt): out (batch, dim, L) in u's dtype and memory layout,
 // or (batch, dim) for kForwardFinal; last_state (batch, dim, N) fp32 when want_last or final (else empty); ckpt
 // (batch, n_chunks, N, dim) fp32 for kForwardOutCkpt (else empty).
@@ -169,10 +183,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
     const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& lengths, bool softplus,
-    int64_t mode, bool want_last, int64_t isa) {
+    int64_t mode, bool want_last, int64_t isa, const std::optional<at::Tensor>& delta_weight) {
   const KernelTable* k = table(isa);
   TORCH_CHECK(mode >= kForwardOut && mode <= kForwardFinal, "m2rec_scan_cpu.forward: bad mode ", mode);
+  if (delta_weight.has_value()) check_low_rank(u, delta, *delta_weight);
   Inputs in = prepare(u, delta, A, B, C, D, z, delta_bias, lengths);
+  if (delta_weight.has_value()) in.delta_weight = contig_f32(*delta_weight);
   ScanParams p = params_for(in, k, softplus);
   auto f32 = in.u.options().dtype(at::kFloat);
   const bool final_only = mode == kForwardFinal;
@@ -264,8 +280,8 @@ at::Tensor vector_exp_op(const at::Tensor& x, int64_t isa, bool scan_path) {
 
 TORCH_LIBRARY(m2rec_scan_cpu, m) {
   m.def("forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, Tensor? lengths, bool softplus, int mode, bool want_last, int isa) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor? delta_bias, Tensor? lengths, bool softplus, int mode, bool want_last, int isa, "
+        "Tensor? delta_weight=None) -> (Tensor, Tensor, Tensor)");
   m.def("backward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, Tensor? lengths, bool softplus, Tensor ckpt, Tensor? dout, Tensor? dlast, "
         "int isa) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

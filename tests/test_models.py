@@ -236,3 +236,26 @@ def test_recbole_style_initialisation():
     assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
     # Mamba4Rec reproduces its original, which re-initialises every Linear bias, dt's included
     assert torch.all(CONFIGS["mamba4rec"]().layers[0].mamba.dt_proj.bias == 0)
+
+
+@pytest.mark.parametrize("name", ["m2rec", "mamba4rec"])
+def test_serving_embedding_normalises_the_catalogue_once(name):
+    """Without dropout and gradients and with more positions than catalogue rows, h0 = LayerNorm(E)[items]
+    (models/base.py ``normed_item_embedding``): the same bits as LayerNorm(E[items]), from one norm of the
+    table; with gradients the per-position form runs."""
+    from m2rec.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, 9, d_model=16, n_layers=1, max_len=12).eval()
+    items = torch.randint(0, 10, (3, 12))  # 36 positions > 10 rows
+    seen = []
+    hook = model.embedding_norm.register_forward_hook(lambda m, inp, out: seen.append(tuple(inp[0].shape)))
+    with torch.no_grad():
+        got = model._embed(items)
+        want = model.embedding_norm(model.item_embedding(items))
+    assert torch.equal(got, want)
+    assert seen[0] == (10, 16)  # the table, not the (3, 12) positions
+    seen.clear()
+    model._embed(items)  # gradients on: per position
+    hook.remove()
+    assert seen == [(3, 12, 16)]

@@ -46,6 +46,19 @@ def check_dropout(model: str, dropout) -> float:
     return float(dropout)
 
 
+def normed_item_embedding(items: torch.Tensor, embedding: nn.Embedding, dropout: nn.Dropout,
+                          norm: nn.LayerNorm) -> torch.Tensor:
+    """h0 = LayerNorm(dropout(E[items])) for ids of any shape (M2Rec's and Mamba4Rec's input). Without
+    dropout and gradients (serving) and with more positions than catalogue rows, LayerNorm(E)[items]:
+    the norm is per row, so the same values, normalised once per item instead of once per position
+    (measured at batch 64, L 2000, one thread: 2.5 ms against 24-34 ms, ~10% of M2Rec's ``scores``)."""
+    table = embedding.weight
+    if (items.numel() > table.shape[0] and not (dropout.training and dropout.p > 0)
+            and not (torch.is_grad_enabled() and (table.requires_grad or norm.weight.requires_grad))):
+        return F.embedding(items, norm(table))
+    return norm(dropout(embedding(items)))
+
+
 def init_recbole_weights(module: nn.Module, respect_no_reinit: bool = True) -> None:
     """RecBole's initialisation: Linear/Embedding weights N(0, 0.02), Linear biases 0, LayerNorm 1/0.
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import FILTER_MODES, LAYER_NORM_EPS, M2RecLayer
-from .base import SequentialRecommender, check_dropout, init_recbole_weights
+from .base import SequentialRecommender, check_dropout, init_recbole_weights, normed_item_embedding
 
 
 class M2Rec(SequentialRecommender):
@@ -102,15 +102,7 @@ class M2Rec(SequentialRecommender):
             )
 
     def _embed(self, items: torch.Tensor) -> torch.Tensor:
-        """h0 = LayerNorm(dropout(E[items])) for ids of any shape. Without dropout and gradients (serving)
-        and with more positions than catalogue rows, LayerNorm(E)[items]: the norm is per row, so the
-        same values, normalised once per item instead of once per position (measured at batch 64, L 2000,
-        one thread: 2.5 ms against 24-34 ms, ~10% of ``scores``)."""
-        table = self.item_embedding.weight
-        if (items.numel() > table.shape[0] and not (self.training and self.embedding_dropout.p > 0)
-                and not (torch.is_grad_enabled() and table.requires_grad)):
-            return F.embedding(items, self.embedding_norm(table))
-        return self.embedding_norm(self.embedding_dropout(self.item_embedding(items)))
+        return normed_item_embedding(items, self.item_embedding, self.embedding_dropout, self.embedding_norm)
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         self._check_width(item_seq)

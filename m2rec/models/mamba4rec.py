@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..layers import LAYER_NORM_EPS, FeedForward, MambaMixer
 from ..mamba_ssm_compat import import_mamba_ssm, tie_mamba_ssm
-from .base import SequentialRecommender, check_dropout, init_recbole_weights
+from .base import SequentialRecommender, check_dropout, init_recbole_weights, normed_item_embedding
 
 MAMBA_IMPLS = ("auto", "mamba_ssm", "mixer")
 
@@ -133,7 +133,7 @@ class Mamba4Rec(SequentialRecommender):
         return "mamba_ssm" if self.layers[0].uses_mamba_ssm(self.item_embedding.weight.device) else "mixer"
 
     def _embed(self, items: torch.Tensor) -> torch.Tensor:
-        return self.embedding_norm(self.embedding_dropout(self.item_embedding(items)))
+        return normed_item_embedding(items, self.item_embedding, self.embedding_dropout, self.embedding_norm)
 
     def encode(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         h = self._embed(item_seq)

@@ -32,14 +32,14 @@ CPU_CHUNK = 64
 _CPU_MODE_OUT, _CPU_MODE_OUT_CKPT, _CPU_MODE_FINAL = 0, 1, 2
 
 
-def scan_backend(chosen: str, batch: int, dim: int, L: int, needs_grad: bool) -> str:
+def scan_backend(chosen: str, batch: int, dim: int, L: int, needs_grad: bool, bcs=()) -> str:
     """The ops' backend for the backend ``resolve_backend`` chose: "triton" becomes "triton_seq" where
-    the sequential kernels run (``function.use_time_parallel``)."""
+    the sequential kernels run (``function.use_time_parallel``; ``bcs``: B and C, whose forms count)."""
     if chosen != "triton":
         return chosen
     from . import function
 
-    return "triton" if function.use_time_parallel(batch, dim, L, needs_grad) else "triton_seq"
+    return "triton" if function.use_time_parallel(batch, dim, L, needs_grad, bcs) else "triton_seq"
 
 
 def _placeholder(like: Tensor) -> Tensor:
@@ -245,7 +245,7 @@ def _backward_final(ctx, dout_last, dlast):
     u, delta, A, B, C, D, z, delta_bias, lengths = ctx.saved_tensors
     batch, dim, L = u.shape
     base = "triton" if ctx.backend in _library.TRITON_BACKENDS else ctx.backend
-    backend = scan_backend(base, batch, dim, L, needs_grad=True)
+    backend = scan_backend(base, batch, dim, L, True, (B, C))
     _, _, residual = torch.ops.m2rec.selective_scan(u, delta, A, B, C, D, z, delta_bias, lengths, ctx.delta_softplus,
                                                     False, True, backend)
     dout = None
@@ -276,6 +276,9 @@ def _selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: 
         from .function import selective_state_update_triton
 
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+    if backend == "cpu":  # csrc/state_update_*.cpp
+        return torch.ops.m2rec_scan_cpu.state_update(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices,
+                                                     dt_softplus, _cpu_isa())
     with torch.no_grad():
         out = selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
     return out.contiguous()

@@ -130,7 +130,7 @@ def test_selective_scan_final_op_gradients_match_the_scan():
 
 
 @pytest.mark.parametrize("indices", [None, [1, -1]], ids=["batch", "pool"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_selective_state_update_op(backend, indices):
     _skip_unless_runs(backend)
     g = torch.Generator().manual_seed(2)

@@ -334,7 +334,12 @@ class MambaMixer(nn.Module):
         # Conv step: shift the window left, append x, dot with the taps.
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[:, :, -1] = x
-        x = torch.sum(conv_state * self.conv1d.weight[:, 0, :], dim=-1)
+        # the taps' dot as d_conv multiply-adds on (batch, d_inner): a sum over a last axis of 4 is a
+        # slow reduction in torch (~4x the time of these at batch 64, d_inner 128, one CPU thread)
+        taps = self.conv1d.weight[:, 0, :]
+        x = conv_state[:, :, 0] * taps[:, 0]
+        for k in range(1, self.d_conv):
+            x.addcmul_(conv_state[:, :, k], taps[:, k])
         if self.conv1d.bias is not None:
             x = x + self.conv1d.bias
         x = F.silu(x).to(dtype)

@@ -6,8 +6,8 @@ the PyTorch reference (``reference.py``), the fused Triton kernels (``function.p
 ``selective_scan`` and ``selective_scan_final`` on CPU tensors, the compiled C++ kernels (``cpu.py``,
 sources in ``csrc/``, built by set-up: vectorised over channels with AVX-512 / AVX2 / a generic
 variant chosen at run time, parallel over batch x channel blocks, backward from per-chunk checkpoints,
-deterministic reductions). ``backend="auto"`` picks the compiled kernels on CPU when they are built;
-``selective_state_update`` has no compiled CPU kernel and runs its reference for ``backend="cpu"``.
+deterministic reductions). ``backend="auto"`` picks the compiled kernels on CPU when they are built,
+for ``selective_state_update`` too (one step, ``csrc/state_update_*.cpp``).
 """
 from __future__ import annotations
 
@@ -280,7 +280,7 @@ def selective_state_update(
     if state.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: state is updated in place and must not require grad")
 
-    chosen = resolve_backend(backend, op, state, x, dt, A, B, C)
+    chosen = resolve_backend(backend, op, state, x, dt, A, B, C, cpu_kernel=cpu_scan_unavailable)
     named = dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     wants_grad = _library.needs_grad(*named.values())
     if chosen == "triton" and wants_grad:
@@ -289,7 +289,7 @@ def selective_state_update(
         chosen = "torch"
     if wants_grad:  # an op that mutates an input has no autograd formula: the differentiable reference
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
-    if chosen != "triton" or not _kernel_dtypes_ok(op, backend, chosen, named):
-        chosen = "torch"  # no compiled CPU kernel for one step
+    if chosen == "torch" or not _kernel_dtypes_ok(op, backend, chosen, named):
+        chosen = "torch"
     return _library.call(SELECTIVE_STATE_UPDATE, state, x, dt, A, B, C, D, z, dt_bias,
                          state_batch_indices, dt_softplus, chosen, mutates=state)

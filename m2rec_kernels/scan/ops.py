@@ -354,6 +354,9 @@ def _selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: 
         from .function import selective_state_update_triton
 
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+    if backend == "cpu":  # csrc/state_update_*.cpp
+        return torch.ops.m2rec_scan_cpu.state_update(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices,
+                                                     dt_softplus, _cpu_isa())
     with torch.no_grad():
         out = selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
     return out.contiguous()

@@ -177,9 +177,12 @@ class M2RecLayer(nn.Module):
         if len(branches) == 1 or h.dtype not in (torch.float32, torch.float64) or h.device.type != "cpu":
             return self._fuse([b[:, None, :] for b in branches], h[:, None, :])[0][:, 0]
         # gated_fusion's reference at one position (DESIGN §2.3): alpha = softmax(cat · W^T + b),
-        # LayerNorm(h + sum_i alpha_i · branch_i); the weighted sum as one (1, k) x (k, d) product per row
+        # LayerNorm(h + sum_i alpha_i · branch_i); then the FFN (eval: no dropout) inline
         stacked = torch.stack(branches, dim=1)  # (batch, k, d)
-        logits = F.linear(stacked.flatten(1), self.gate_weight, self.gate_bias)
-        mixed = torch.bmm(torch.softmax(logits, dim=-1)[:, None, :], stacked)[:, 0]
-        norm = self.fusion_norm
-        return self.ffn(F.layer_norm(h + mixed, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+        alpha = torch.softmax(F.linear(stacked.view(stacked.shape[0], -1), self.gate_weight, self.gate_bias), dim=-1)
+        mixed = torch.mul(stacked, alpha[:, :, None]).sum(1)
+        norm, ffn = self.fusion_norm, self.ffn
+        fused = F.layer_norm(mixed.add_(h), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        inner = F.linear(F.gelu(F.linear(fused, ffn.w_1.weight, ffn.w_1.bias)), ffn.w_2.weight, ffn.w_2.bias)
+        norm = ffn.layer_norm
+        return F.layer_norm(inner.add_(fused), norm.normalized_shape, norm.weight, norm.bias, norm.eps)

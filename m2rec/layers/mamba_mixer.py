@@ -357,7 +357,13 @@ class MambaMixer(nn.Module):
         # Conv step: shift the window left, append x, dot with the taps — as d_conv multiply-adds on
         # (batch, d_inner): a sum over a last axis of 4 is a slow reduction in torch (~4x the time of
         # these at batch 64, d_inner 128, one CPU thread)
-        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        if conv_state.is_contiguous():
+            # one shift of the whole buffer by one element: each window moves left, its first element
+            # lands in the previous window's last slot, which x then overwrites (1.5x faster than roll)
+            flat = conv_state.view(-1)
+            flat[:-1] = flat[1:].clone()
+        else:
+            conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[:, :, -1] = x
         bias = self.conv1d.bias
         x = conv_state[:, :, 0] * taps[0] if bias is None else torch.addcmul(bias, conv_state[:, :, 0], taps[0])

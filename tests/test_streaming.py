@@ -264,3 +264,70 @@ def test_readme_serving_snippet_runs_as_printed():
     exec(compile(code, "README.md: Serving a live user", "exec"), env)
     assert env["top10"].shape == (2, 10) and env["newcomers"].batch_size == 8
     assert bool(env["state"].seen.eq(torch.tensor([4, 4])).all())
+
+
+@pytest.mark.parametrize("change", ["optimiser", "load_state_dict", "replace_parameter"])
+@pytest.mark.parametrize("name", ["m2rec", "mamba4rec"])
+def test_step_caches_follow_weight_changes(name, change):
+    """The step's cached tensors (normalised catalogue and semantic table, A, conv taps) are rebuilt
+    after the weights change: the next step equals a fresh model with the new weights, in fp64."""
+    from m2rec.layers.derived import forget_derived
+
+    model = perturbed(CONFIGS[name]()).double()
+    seq, lengths = histories([6, 6, 6], seed=7)
+    with torch.no_grad():
+        _, state = model.prefill(seq[:, :3], torch.full((3,), 3))
+        model.step(state, seq[:, 3])  # fills the caches
+        if change == "optimiser":
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            with torch.enable_grad():
+                model.loss(seq, lengths, seq[torch.arange(3), lengths - 1], all_positions=False).backward()
+            opt.step()
+        elif change == "load_state_dict":
+            model.load_state_dict(perturbed(CONFIGS[name]()).double().state_dict())
+        else:
+            model.item_embedding.weight = torch.nn.Parameter(torch.randn_like(model.item_embedding.weight))
+        _, state = model.prefill(seq[:, :4], torch.full((3,), 4))
+        got, _ = model.step(state, seq[:, 4])
+        forget_derived(model)
+        for m in model.modules():
+            forget_derived(m)
+        _, fresh = model.prefill(seq[:, :4], torch.full((3,), 4))
+        want, _ = model.step(fresh, seq[:, 4])
+    assert torch.equal(got.isnan(), want.isnan())
+    assert_scores_close(got, want, 0)
+    assert_scores_close(got, prefix_scores(model, seq, torch.full((3,), 5)), 1e-9)
+
+
+def test_derived_cache_rebuilds_on_in_place_change_and_not_otherwise():
+    from m2rec.layers.derived import derived
+
+    module = torch.nn.Linear(3, 2)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return module.weight.sum().item()
+
+    first = derived(module, "s", [module.weight], build)
+    assert derived(module, "s", [module.weight], build) == first and len(calls) == 1
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    assert derived(module, "s", [module.weight], build) == pytest.approx(first + 6) and len(calls) == 2
+    module.double()
+    derived(module, "s", [module.weight], build)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("make", [lambda: m2rec(2, backend="auto"), lambda: mamba4rec(1, backend="auto")],
+                         ids=["m2rec", "mamba4rec"])
+def test_float32_auto_backend_step_equals_scores(make):
+    """The unchecked step path with the compiled CPU state update and ring (where built; else the
+    references): item by item, in float32, equal to scores() at every prefix."""
+    model = perturbed(make(), 0.1).eval()
+    seq, lengths = histories([7, 3, 5], seed=9)
+    state = model.init_state(3)
+    with torch.inference_mode():
+        for t in range(seq.shape[1]):
+            scores, _ = model.step(state, seq[:, t])
+            assert_scores_close(scores, prefix_scores(model, seq, torch.clamp(lengths, max=t + 1)), 2e-5)

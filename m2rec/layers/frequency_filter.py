@@ -149,4 +149,8 @@ class FrequencyFilter(nn.Module):
         batch = x.shape[0]
         check_tensor("FrequencyFilter.step", "history", history, shape=(batch, self.max_len, self.d_model),
                      device=x.device)
+        return self.step_unchecked(x, history, positions)
+
+    def step_unchecked(self, x: torch.Tensor, history: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``step`` on checked arguments (the streaming path, whose history was checked when it was made)."""
         return ring_filter_step(history, x, self.kernel, positions, backend=self.backend)

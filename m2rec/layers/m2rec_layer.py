@@ -159,9 +159,30 @@ class M2RecLayer(nn.Module):
         ``init_state``) is updated in place. Returns the layer's output (batch, d_model)."""
         check_tensor("M2RecLayer.step", "h", h, shape=(None, self.d_model))
         self._check_semantic(s, tuple(h.shape), h.device)
-        branches = [self.mamba.step(h[:, None, :], state["conv"], state["ssm"])[0][:, 0]]
         if self.filter is not None:
-            branches.append(self.filter.step(h, state["filter"], positions))
+            self.filter._check_streamable()
+        return self.step_unchecked(h, s, state, positions)
+
+    def step_unchecked(self, h: torch.Tensor, s: Optional[torch.Tensor], state: Dict[str, torch.Tensor],
+                       positions: torch.Tensor) -> torch.Tensor:
+        """``step`` on checked arguments: the streaming path (the state was checked when it was made,
+        the items by the model's ``step``), in eval mode. The branches, the gate and the FFN run as
+        plain torch calls on (batch, d) rows, without the per-call checks and dispatch of the public
+        ops (they cost more than the arithmetic at one position)."""
+        branches = [self.mamba.step_unchecked(h, state["conv"], state["ssm"])]
+        if self.filter is not None:
+            branches.append(self.filter.step_unchecked(h, state["filter"], positions))
         if self.semantic:
             branches.append(s.to(h.dtype))
-        return self._fuse([b[:, None, :] for b in branches], h[:, None, :])[0][:, 0]
+        if len(branches) == 1 or h.dtype not in (torch.float32, torch.float64) or h.device.type != "cpu":
+            return self._fuse([b[:, None, :] for b in branches], h[:, None, :])[0][:, 0]
+        # gated_fusion's reference at one position (DESIGN §2.3): alpha = softmax(cat · W^T + b),
+        # LayerNorm(h + sum_i alpha_i · branch_i); then the FFN (eval: no dropout) inline
+        stacked = torch.stack(branches, dim=1)  # (batch, k, d)
+        alpha = torch.softmax(F.linear(stacked.view(stacked.shape[0], -1), self.gate_weight, self.gate_bias), dim=-1)
+        mixed = torch.mul(stacked, alpha[:, :, None]).sum(1)
+        norm, ffn = self.fusion_norm, self.ffn
+        fused = F.layer_norm(mixed.add_(h), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        inner = F.linear(F.gelu(F.linear(fused, ffn.w_1.weight, ffn.w_1.bias)), ffn.w_2.weight, ffn.w_2.bias)
+        norm = ffn.layer_norm
+        return F.layer_norm(inner.add_(fused), norm.normalized_shape, norm.weight, norm.bias, norm.eps)

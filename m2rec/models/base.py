@@ -264,25 +264,22 @@ class SequentialRecommender(nn.Module):
             return self._step(state, items)
 
     def _step(self, state: StreamState, items: torch.Tensor) -> Tuple[torch.Tensor, StreamState]:
-        items = check_items(type(self).__name__, items, state, self.n_items)
-        active = items != 0
-        n_active = int(active.sum())
+        items, n_active, n_idle_empty = check_items(type(self).__name__, items, state, self.n_items)
         if n_active:
             with eval_mode(self):
                 if n_active == state.batch_size:
                     state.hidden = self._step_stream(state.layers, items, state.seen)
                     state.seen += 1
                 else:
-                    rows = active.nonzero()[:, 0]
+                    rows = items.nonzero()[:, 0]
                     layers = select_rows(state.layers, rows)
                     hidden = self._step_stream(layers, items[rows], state.seen[rows])
                     write_rows(state.layers, rows, layers)
                     state.hidden.index_copy_(0, rows, hidden)
                     state.seen[rows] += 1
         scores = self._catalogue_scores(state.hidden)
-        empty = (state.seen == 0).nonzero()[:, 0]
-        if empty.numel():  # (a boolean-mask fill would scan the whole score matrix every step)
-            scores.index_fill_(0, empty, float("nan"))
+        if n_idle_empty:  # (a boolean-mask fill would scan the whole score matrix every step)
+            scores.index_fill_(0, (state.seen == 0).nonzero()[:, 0], float("nan"))
         return scores, state
 
     def loss(self, item_seq: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import FILTER_MODES, LAYER_NORM_EPS, M2RecLayer
+from ..layers.derived import derived
 from .base import SequentialRecommender, check_dropout, init_recbole_weights, normed_item_embedding
 
 
@@ -149,9 +150,27 @@ class M2Rec(SequentialRecommender):
         out, state = self.layers[-1].prefill(h, None, lengths, s_last=s_last, last_only=True)
         return out, states + [state]
 
+    def _step_table(self) -> torch.Tensor:
+        """The step's inputs for every catalogue row, (n_items + 1, d) h0 = LayerNorm(E), or
+        (n_items + 1, 2d) [h0 | s] with s = LayerNorm(W_s · T + b) the semantic stream: a step then
+        gathers its users' rows (eval mode: no dropout) instead of normalising and projecting them.
+        Cached until a parameter it comes from changes (``derived``)."""
+        sources = [self.item_embedding.weight, self.embedding_norm.weight, self.embedding_norm.bias]
+        if self.use_semantic:
+            sources += [self.text_embeddings, self.semantic_proj.weight, self.semantic_proj.bias,
+                        self.semantic_norm.weight, self.semantic_norm.bias]
+
+        def build():
+            h0 = self.embedding_norm(self.item_embedding.weight)
+            if not self.use_semantic:
+                return h0
+            return torch.cat([h0, self.semantic_norm(self.semantic_proj(self.text_embeddings)).to(h0.dtype)], dim=1)
+        return derived(self, "step_table", sources, build)
+
     def _step_stream(self, layers, items, positions):
-        h = self._embed(items)
-        s = self.semantic_stream(items) if self.use_semantic else None
+        rows = self._step_table().index_select(0, items)
+        d = self.d_model
+        h, s = (rows[:, :d], rows[:, d:]) if self.use_semantic else (rows, None)
         for layer, state in zip(self.layers, layers):
-            h = layer.step(h, s, state, positions)
+            h = layer.step_unchecked(h, s, state, positions)
         return h

@@ -341,6 +341,26 @@ class MambaMixer(nn.Module):
             return self._scan_params()[0], self.conv1d.weight[:, 0, :].t().contiguous()
         return derived(self, "step", (self.A_log, self.conv1d.weight), build)
 
+    def _fused_step_params(self):
+        """(A, conv taps (d_inner, d_conv), D, dt bias) in fp32 and contiguous, as the fused step op
+        takes them, cached until the parameters change (``derived``)."""
+        def build():
+            return (self._scan_params()[0].contiguous(), self.conv1d.weight[:, 0, :].float().contiguous(),
+                    self.D.float().contiguous(), self.dt_proj.bias.float().contiguous())
+        return derived(self, "fused_step", (self.A_log, self.conv1d.weight, self.D, self.dt_proj.bias), build)
+
+    def _fused_step(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> bool:
+        """Whether ``step_unchecked`` may run as one compiled op (``m2rec_scan_cpu.mamba_step``): CPU,
+        fp32 activations, weights and states with unit stride along their last axis, no gradient, and
+        the compiled library loaded; otherwise the step runs op by op."""
+        if not (self.backend in ("auto", "cpu") and hidden.device.type == "cpu" and not torch.is_grad_enabled()
+                and hidden.dtype == torch.float32 and conv_state.dtype == torch.float32
+                and ssm_state.dtype == torch.float32 and conv_state.stride(-1) == 1 and ssm_state.stride(-1) == 1):
+            return False
+        weights = (self.in_proj.weight, self.conv1d.weight, self.x_proj.weight, self.dt_proj.weight,
+                   self.out_proj.weight)
+        return all(w.dtype == torch.float32 for w in weights) and cpu_scan_unavailable() is None
+
     def _compiled_update(self, ssm_state: torch.Tensor, x: torch.Tensor) -> bool:
         """Whether ``step_unchecked`` may call the compiled CPU state update directly (what
         ``selective_state_update`` would choose, without its per-call checks and dispatch)."""
@@ -351,6 +371,12 @@ class MambaMixer(nn.Module):
     def step_unchecked(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """``step`` on checked arguments, hidden (batch, d_model) -> (batch, d_model): the streaming
         path, whose states were checked when they were made."""
+        if self._fused_step(hidden, conv_state, ssm_state):
+            A, taps, D, dt_bias = self._fused_step_params()
+            return torch.ops.m2rec_scan_cpu.mamba_step(
+                hidden, conv_state, ssm_state, self.in_proj.weight, self.in_proj.bias, taps, self.conv1d.bias,
+                self.x_proj.weight, self.dt_proj.weight, A, D, dt_bias, self.out_proj.weight, self.out_proj.bias,
+                _isa_code(None))
         dtype = hidden.dtype
         x, z = F.linear(hidden, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (batch, d_inner)
         A, taps = self._step_params()

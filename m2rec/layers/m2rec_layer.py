@@ -22,10 +22,16 @@ import torch.nn.functional as F
 
 from m2rec_kernels import gated_fusion
 from m2rec_kernels._checks import check_tensor
+from m2rec_kernels.scan.cpu import cpu_scan_unavailable
 
 from .feed_forward import LAYER_NORM_EPS, FeedForward
 from .frequency_filter import FrequencyFilter
 from .mamba_mixer import MambaMixer
+
+
+def _compiled_fusion_step() -> bool:
+    """Whether the compiled library (with ``fusion_ffn_step``) is loaded; checked per call, cheaply."""
+    return cpu_scan_unavailable() is None
 
 
 class M2RecLayer(nn.Module):
@@ -176,12 +182,17 @@ class M2RecLayer(nn.Module):
             branches.append(s.to(h.dtype))
         if len(branches) == 1 or h.dtype not in (torch.float32, torch.float64) or h.device.type != "cpu":
             return self._fuse([b[:, None, :] for b in branches], h[:, None, :])[0][:, 0]
+        norm, ffn = self.fusion_norm, self.ffn
+        if _compiled_fusion_step():  # the same math as below in one compiled call (csrc/fusion_step_ops.cpp)
+            return torch.ops.m2rec_scan_cpu.fusion_ffn_step(
+                branches, h, self.gate_weight, self.gate_bias, norm.weight, norm.bias, norm.eps, ffn.w_1.weight,
+                ffn.w_1.bias, ffn.w_2.weight, ffn.w_2.bias, ffn.layer_norm.weight, ffn.layer_norm.bias,
+                ffn.layer_norm.eps)
         # gated_fusion's reference at one position (DESIGN §2.3): alpha = softmax(cat · W^T + b),
         # LayerNorm(h + sum_i alpha_i · branch_i); then the FFN (eval: no dropout) inline
         stacked = torch.stack(branches, dim=1)  # (batch, k, d)
         alpha = torch.softmax(F.linear(stacked.view(stacked.shape[0], -1), self.gate_weight, self.gate_bias), dim=-1)
         mixed = torch.mul(stacked, alpha[:, :, None]).sum(1)
-        norm, ffn = self.fusion_norm, self.ffn
         fused = F.layer_norm(mixed.add_(h), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         inner = F.linear(F.gelu(F.linear(fused, ffn.w_1.weight, ffn.w_1.bias)), ffn.w_2.weight, ffn.w_2.bias)
         norm = ffn.layer_norm

@@ -51,6 +51,9 @@ DT_INITS = ("random", "constant")
 #: d_model 64, N 32; thread time, min of 5): forward_last 15-20% faster at L 200 and 1000, ~40% at
 #: L 2000 than in one piece; slices of 1,600 to 6,400 positions within ~5% of each other at L 200 and 1000.
 LAST_CHUNK_POSITIONS = 4096
+#: the fused step op's transposed weights have their columns padded to a multiple of this (whole vectors
+#: of its matrix kernel: 16 lanes for AVX-512, 8 for AVX2, fewer for the generic variant)
+FUSED_STEP_COLUMNS = 16
 _PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -342,12 +345,22 @@ class MambaMixer(nn.Module):
         return derived(self, "step", (self.A_log, self.conv1d.weight), build)
 
     def _fused_step_params(self):
-        """(A, conv taps (d_inner, d_conv), D, dt bias) in fp32 and contiguous, as the fused step op
-        takes them, cached until the parameters change (``derived``)."""
+        """The fused step op's parameters, fp32 and contiguous, cached until they change (``derived``):
+        A, the conv taps (d_inner, d_conv), D, the dt bias, and in_proj's, x_proj's, dt_proj's and
+        out_proj's weights transposed (in, out) with the out columns zero-padded to a multiple of 16 (whole
+        vectors for every ISA variant of the op's matrix kernel)."""
+        def padded_t(weight):
+            n = weight.shape[0]
+            return F.pad(weight.float().t(), (0, -n % FUSED_STEP_COLUMNS)).contiguous()
+
         def build():
             return (self._scan_params()[0].contiguous(), self.conv1d.weight[:, 0, :].float().contiguous(),
-                    self.D.float().contiguous(), self.dt_proj.bias.float().contiguous())
-        return derived(self, "fused_step", (self.A_log, self.conv1d.weight, self.D, self.dt_proj.bias), build)
+                    self.D.float().contiguous(), self.dt_proj.bias.float().contiguous(),
+                    padded_t(self.in_proj.weight), padded_t(self.x_proj.weight), padded_t(self.dt_proj.weight),
+                    padded_t(self.out_proj.weight))
+        sources = (self.A_log, self.conv1d.weight, self.D, self.dt_proj.bias, self.in_proj.weight,
+                   self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight)
+        return derived(self, "fused_step", sources, build)
 
     def _fused_step(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> bool:
         """Whether ``step_unchecked`` may run as one compiled op (``m2rec_scan_cpu.mamba_step``): CPU,
@@ -355,7 +368,8 @@ class MambaMixer(nn.Module):
         the compiled library loaded; otherwise the step runs op by op."""
         if not (self.backend in ("auto", "cpu") and hidden.device.type == "cpu" and not torch.is_grad_enabled()
                 and hidden.dtype == torch.float32 and conv_state.dtype == torch.float32
-                and ssm_state.dtype == torch.float32 and conv_state.stride(-1) == 1 and ssm_state.stride(-1) == 1):
+                and ssm_state.dtype == torch.float32 and conv_state.stride(-1) == 1 and ssm_state.stride(-1) == 1
+                and hidden.stride(-1) == 1):
             return False
         weights = (self.in_proj.weight, self.conv1d.weight, self.x_proj.weight, self.dt_proj.weight,
                    self.out_proj.weight)
@@ -372,11 +386,10 @@ class MambaMixer(nn.Module):
         """``step`` on checked arguments, hidden (batch, d_model) -> (batch, d_model): the streaming
         path, whose states were checked when they were made."""
         if self._fused_step(hidden, conv_state, ssm_state):
-            A, taps, D, dt_bias = self._fused_step_params()
+            A, taps, D, dt_bias, in_t, x_t, dt_t, out_t = self._fused_step_params()
             return torch.ops.m2rec_scan_cpu.mamba_step(
-                hidden, conv_state, ssm_state, self.in_proj.weight, self.in_proj.bias, taps, self.conv1d.bias,
-                self.x_proj.weight, self.dt_proj.weight, A, D, dt_bias, self.out_proj.weight, self.out_proj.bias,
-                _isa_code(None))
+                hidden, conv_state, ssm_state, in_t, self.in_proj.bias, taps, self.conv1d.bias, x_t, dt_t, A, D,
+                dt_bias, out_t, self.out_proj.bias, self.d_model, _isa_code(None))
         dtype = hidden.dtype
         x, z = F.linear(hidden, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (batch, d_inner)
         A, taps = self._step_params()

@@ -4,7 +4,10 @@
 // The conv part of one step, per batch row b and channel d (the depthwise causal conv's window of the
 // last K inputs, oldest first, updated in place):
 //   window[b][d][:] = (window[b][d][1:], x[b][d]);   out[b][d] = silu(sum_k window[b][d][k] taps[d][k] + bias[d])
-// The rest of the step (x_proj, dt_proj, the state update, out_proj) is in the binding.
+// and the step's small matrix products (in_proj, x_proj, dt_proj, out_proj), one kernel for all:
+//   out[b][j] = bias[j] + sum_k in[b][k] wt[k][j]   (j < n; wt the weight's transpose, (K, n_pad), its
+//   columns zero-padded to whole vectors, so the inner loop reads whole vectors only)
+// The state update is state_update_isa.cpp's kernel.
 #pragma once
 
 #include <stdint.h>
@@ -20,10 +23,19 @@ struct ConvStepParams {
   float* out;                         // (batch, dim) contiguous
 };
 
+struct RowsGemmParams {
+  int64_t K, n, n_pad;
+  const float* in; int64_t in_sb;  // in[b][k] at in + b * in_sb + k
+  const float* wt;                 // (K, n_pad) contiguous, n_pad a multiple of the ISA's width
+  const float* bias;               // (n,) or nullptr
+  float* out; int64_t out_sb;      // out[b][j] at out + b * out_sb + j
+};
+
 struct ConvStepKernelTable {
   const char* name;
   int width;
   void (*run)(const ConvStepParams& p, int64_t row_begin, int64_t row_end);  // batch rows [begin, end)
+  void (*gemm)(const RowsGemmParams& p, int64_t row_begin, int64_t row_end);
 };
 
 const ConvStepKernelTable* conv_step_kernels_avx512();

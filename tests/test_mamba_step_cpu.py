@@ -17,7 +17,7 @@ import torch
 import m2rec.layers.m2rec_layer as m2rec_layer_module
 from _tolerance import assert_close
 from m2rec.layers import M2RecLayer
-from m2rec.layers.mamba_mixer import MambaMixer
+from m2rec.layers.mamba_mixer import MambaMixer, padded_transpose
 from m2rec_kernels.scan import cpu as scan_cpu
 
 STATUS = scan_cpu.cpu_scan_status()
@@ -151,8 +151,34 @@ def test_fusion_ffn_step_bad_branch_names_problem():
     w = torch.randn(2, 16)
     ones, zeros = torch.ones(8), torch.zeros(8)
     args = (w, torch.zeros(2), ones, zeros, 1e-12, torch.randn(32, 8), torch.zeros(32), torch.randn(8, 32),
-            torch.zeros(8), ones, zeros, 1e-12)
+            torch.zeros(8), ones, zeros, 1e-12, None, None, 0)
     with pytest.raises(RuntimeError, match="every branch must be"):
         torch.ops.m2rec_scan_cpu.fusion_ffn_step([h, torch.randn(3, 7)], h, *args)
     with pytest.raises(RuntimeError, match="gate_weight must be"):
         torch.ops.m2rec_scan_cpu.fusion_ffn_step([h, h, h], h, *args)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fusion_ffn_step_compiled_ffn_matches_fp64(isa):
+    """The fp32 form with the FFN's products and GELU on the step kernels (w1_t, w2_t) against the ATen
+    form in float64 on the same weights; odd widths (d 24, inner 40: padded columns) and large inputs
+    (GELU's tails)."""
+    _isa_or_skip(isa)
+    gen = torch.Generator().manual_seed(3)
+    batch, d, inner, k = 5, 24, 40, 3
+    h = 3 * torch.randn(batch, d, generator=gen)
+    branches = [3 * torch.randn(batch, d, generator=gen) for _ in range(k)]
+    params = [0.3 * torch.randn(k, k * d, generator=gen), torch.randn(k, generator=gen),
+              1 + 0.1 * torch.randn(d, generator=gen), 0.1 * torch.randn(d, generator=gen), 1e-12,
+              torch.randn(inner, d, generator=gen) / d ** 0.5, torch.randn(inner, generator=gen),
+              torch.randn(d, inner, generator=gen) / inner ** 0.5, torch.randn(d, generator=gen),
+              1 + 0.1 * torch.randn(d, generator=gen), 0.1 * torch.randn(d, generator=gen), 1e-12]
+    w1, w2 = params[5], params[7]
+    out = torch.ops.m2rec_scan_cpu.fusion_ffn_step(branches, h, *params, padded_transpose(w1), padded_transpose(w2),
+                                                   scan_cpu.ISA_CODES[isa])
+    as64 = [p.double() if isinstance(p, torch.Tensor) else p for p in params]
+    ref = torch.ops.m2rec_scan_cpu.fusion_ffn_step([b.double() for b in branches], h.double(), *as64, None, None, 0)
+    assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)  # after LayerNorm: values O(1), fp32 erf to 1.5e-7
+    with pytest.raises(RuntimeError, match="w1_t must be"):
+        torch.ops.m2rec_scan_cpu.fusion_ffn_step(branches, h, *params, w1, padded_transpose(w2),  # not transposed
+                                                 scan_cpu.ISA_CODES[isa])

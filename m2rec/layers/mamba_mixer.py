@@ -57,6 +57,12 @@ FUSED_STEP_COLUMNS = 16
 _PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def padded_transpose(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear weight (out, in) as the fused step ops' matrix kernel reads it: fp32 (in, out_pad),
+    transposed, the columns zero-padded to a multiple of ``FUSED_STEP_COLUMNS``."""
+    return F.pad(weight.float().t(), (0, -weight.shape[0] % FUSED_STEP_COLUMNS)).contiguous()
+
+
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"MambaMixer: {name} must be a positive int, got {value!r}")
@@ -349,15 +355,11 @@ class MambaMixer(nn.Module):
         A, the conv taps (d_inner, d_conv), D, the dt bias, and in_proj's, x_proj's, dt_proj's and
         out_proj's weights transposed (in, out) with the out columns zero-padded to a multiple of 16 (whole
         vectors for every ISA variant of the op's matrix kernel)."""
-        def padded_t(weight):
-            n = weight.shape[0]
-            return F.pad(weight.float().t(), (0, -n % FUSED_STEP_COLUMNS)).contiguous()
-
         def build():
             return (self._scan_params()[0].contiguous(), self.conv1d.weight[:, 0, :].float().contiguous(),
                     self.D.float().contiguous(), self.dt_proj.bias.float().contiguous(),
-                    padded_t(self.in_proj.weight), padded_t(self.x_proj.weight), padded_t(self.dt_proj.weight),
-                    padded_t(self.out_proj.weight))
+                    padded_transpose(self.in_proj.weight), padded_transpose(self.x_proj.weight), padded_transpose(self.dt_proj.weight),
+                    padded_transpose(self.out_proj.weight))
         sources = (self.A_log, self.conv1d.weight, self.D, self.dt_proj.bias, self.in_proj.weight,
                    self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight)
         return derived(self, "fused_step", sources, build)

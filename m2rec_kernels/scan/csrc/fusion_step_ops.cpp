@@ -4,12 +4,16 @@
 // (LayerNorm(f + W2 · GELU(W1 · f)), m2rec/layers/feed_forward.py). The same ATen ops as the Python form
 // (m2rec/layers/m2rec_layer.py, M2RecLayer.step_unchecked), without a Python call per op: at batch 64,
 // d 64 their dispatch cost more than their arithmetic (DESIGN §10, "Streaming"). Any floating dtype;
-// Python calls it for fp32 and fp64 CPU rows.
+// Python calls it for fp32 and fp64 CPU rows. With w1_t and w2_t (fp32: the FFN weights' transposes,
+// columns zero-padded to whole vectors) the FFN's products and GELU run on the step kernels of
+// mamba_step_isa.cpp instead of ATen's.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <vector>
+
+#include "mamba_step_api.h"
 
 namespace m2rec_fusion_step {
 namespace {
@@ -20,7 +24,9 @@ at::Tensor fusion_ffn_step_op(at::TensorList branches, const at::Tensor& h, cons
                               const at::Tensor& gate_bias, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
                               double norm_eps, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                               const at::Tensor& b2, const at::Tensor& ffn_norm_weight,
-                              const at::Tensor& ffn_norm_bias, double ffn_norm_eps) {
+                              const at::Tensor& ffn_norm_bias, double ffn_norm_eps,
+                              const std::optional<at::Tensor>& w1_t, const std::optional<at::Tensor>& w2_t,
+                              int64_t isa) {
   const int64_t k = static_cast<int64_t>(branches.size());
   TORCH_CHECK(k >= 1, kOp, ": needs at least one branch");
   TORCH_CHECK(h.dim() == 2, kOp, ": h must be (batch, d), got ", h.sizes());
@@ -35,8 +41,38 @@ at::Tensor fusion_ffn_step_op(at::TensorList branches, const at::Tensor& h, cons
   at::Tensor mixed = h.clone();
   for (int64_t i = 0; i < k; ++i) mixed.addcmul_(branches[i], alpha.narrow(1, i, 1));
   const at::Tensor fused = at::layer_norm(mixed, {d}, norm_weight, norm_bias, norm_eps);
-  at::Tensor inner = at::linear(at::gelu(at::linear(fused, w1, b1)), w2, b2);
-  return at::layer_norm(inner.add_(fused), {d}, ffn_norm_weight, ffn_norm_bias, ffn_norm_eps);
+  TORCH_CHECK(w1_t.has_value() == w2_t.has_value(), kOp, ": give both w1_t and w2_t or neither");
+  if (!w1_t) {
+    at::Tensor inner = at::linear(at::gelu(at::linear(fused, w1, b1)), w2, b2);
+    return at::layer_norm(inner.add_(fused), {d}, ffn_norm_weight, ffn_norm_bias, ffn_norm_eps);
+  }
+  // fp32 with the weights' padded transposes: the two products and the GELU by the step kernels
+  // (mamba_step_isa.cpp; at batch 64 torch's BLAS and GELU cost 2x these)
+  const m2rec_mamba_step::ConvStepKernelTable* kt = m2rec_mamba_step::conv_step_table(isa, kOp);
+  const int64_t batch = h.size(0), inner_n = w1.size(0);
+  auto check_t = [&](const char* name, const at::Tensor& t, const at::Tensor& b, int64_t K, int64_t n) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.is_contiguous() && t.size(0) == K &&
+                    t.size(1) >= n && t.size(1) % kt->width == 0,
+                kOp, ": ", name, " must be a contiguous fp32 (", K, ", n_pad) matrix, n_pad >= ", n,
+                " a multiple of ", kt->width, ", got ", t.scalar_type(), " ", t.sizes());
+    TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == n, kOp, ": the bias beside ",
+                name, " must be ", n, " contiguous fp32 values");
+  };
+  TORCH_CHECK(h.scalar_type() == at::kFloat, kOp, ": w1_t / w2_t are for fp32 rows, got ", h.scalar_type());
+  check_t("w1_t", *w1_t, b1, d, inner_n);
+  check_t("w2_t", *w2_t, b2, inner_n, d);
+  const at::Tensor f = fused.contiguous();
+  at::Tensor inner = at::empty({batch, inner_n}, f.options());
+  m2rec_mamba_step::RowsGemmParams g{};
+  g.K = d; g.n = inner_n; g.n_pad = w1_t->size(1); g.in = f.data_ptr<float>(); g.in_sb = d;
+  g.wt = w1_t->data_ptr<float>(); g.bias = b1.data_ptr<float>(); g.out = inner.data_ptr<float>(); g.out_sb = inner_n;
+  m2rec_mamba_step::rows_gemm_parallel(kt, g, batch);
+  kt->gelu(inner.data_ptr<float>(), batch * inner_n);
+  at::Tensor out = at::empty({batch, d}, f.options());
+  g.K = inner_n; g.n = d; g.n_pad = w2_t->size(1); g.in = inner.data_ptr<float>(); g.in_sb = inner_n;
+  g.wt = w2_t->data_ptr<float>(); g.bias = b2.data_ptr<float>(); g.out = out.data_ptr<float>(); g.out_sb = d;
+  m2rec_mamba_step::rows_gemm_parallel(kt, g, batch);
+  return at::layer_norm(out.add_(f), {d}, ffn_norm_weight, ffn_norm_bias, ffn_norm_eps);
 }
 
 }  // namespace
@@ -45,7 +81,7 @@ at::Tensor fusion_ffn_step_op(at::TensorList branches, const at::Tensor& h, cons
 TORCH_LIBRARY_FRAGMENT(m2rec_scan_cpu, m) {
   m.def("fusion_ffn_step(Tensor[] branches, Tensor h, Tensor gate_weight, Tensor gate_bias, Tensor norm_weight, "
         "Tensor norm_bias, float norm_eps, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor ffn_norm_weight, "
-        "Tensor ffn_norm_bias, float ffn_norm_eps) -> Tensor");
+        "Tensor ffn_norm_bias, float ffn_norm_eps, Tensor? w1_t, Tensor? w2_t, int isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(m2rec_scan_cpu, CPU, m) {

@@ -36,10 +36,17 @@ struct ConvStepKernelTable {
   int width;
   void (*run)(const ConvStepParams& p, int64_t row_begin, int64_t row_end);  // batch rows [begin, end)
   void (*gemm)(const RowsGemmParams& p, int64_t row_begin, int64_t row_end);
+  void (*gelu)(float* v, int64_t n);  // v = v Phi(v) in place (exact GELU, erf to ~1.5e-7; the FFN's)
 };
 
 const ConvStepKernelTable* conv_step_kernels_avx512();
 const ConvStepKernelTable* conv_step_kernels_avx2();
 const ConvStepKernelTable* conv_step_kernels_generic();
+
+// The variant for an ISA code (m2rec_cpu::Isa), or an error naming the op when it is not built or this
+// CPU lacks it (defined in mamba_step_ops.cpp; also used by fusion_step_ops.cpp).
+const ConvStepKernelTable* conv_step_table(int64_t isa, const char* op);
+// k->gemm over batch rows [0, batch), split across threads when a block is worth one (mamba_step_ops.cpp).
+void rows_gemm_parallel(const ConvStepKernelTable* k, const RowsGemmParams& g, int64_t batch);
 
 }  // namespace m2rec_mamba_step

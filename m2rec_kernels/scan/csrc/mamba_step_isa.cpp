@@ -111,6 +111,30 @@ void rows_gemm(const m2rec_mamba_step::RowsGemmParams& p, int64_t begin, int64_t
   for (; b < end; ++b) gemm_rows<1>(p, b);
 }
 
+// GELU, erf form (torch's default): x Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2, with erfc(u) for u >= 0 by
+// Abramowitz & Stegun 7.1.26 (t = 1 / (1 + 0.3275911 u), a degree-5 polynomial in t times e^-u^2,
+// absolute error < 1.5e-7) and erfc(-u) = 2 - erfc(u): the tail for negative x is formed directly,
+// without the cancellation of 1 + erf(x).
+inline Vec gelu_vec(Vec x) {
+  const Vec u0 = x * Vec::bcast(-0.70710678118654752f);  // -x / sqrt 2
+  const Vec u = max(u0, Vec::zero() - u0);                // |u0|
+  const Vec one = Vec::bcast(1.0f);
+  const Vec t = one / fma(Vec::bcast(0.3275911f), u, one);
+  Vec poly = fma(Vec::bcast(1.061405429f), t, Vec::bcast(-1.453152027f));
+  poly = fma(poly, t, Vec::bcast(1.421413741f));
+  poly = fma(poly, t, Vec::bcast(-0.284496736f));
+  poly = fma(poly, t, Vec::bcast(0.254829592f));
+  const Vec tail = poly * t * exp(Vec::zero() - u * u);  // erfc(|u0|)
+  const Vec erfc_u0 = where_greater(u0, Vec::zero(), tail, Vec::bcast(2.0f) - tail);
+  return x * Vec::bcast(0.5f) * erfc_u0;
+}
+
+void gelu(float* v, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) gelu_vec(Vec::load(v + i)).store(v + i);
+  if (i < n) store_n(gelu_vec(load_n(v + i, static_cast<int>(n - i))), v + i, static_cast<int>(n - i));
+}
+
 void run(const ConvStepParams& p, int64_t begin, int64_t end) {
   for (int64_t b = begin; b < end; ++b) {
     float* out = p.out + b * p.dim;
@@ -140,7 +164,7 @@ namespace m2rec_mamba_step {
 #endif
 
 const ConvStepKernelTable* M2REC_CONV_STEP_KERNELS_FN() {
-  static const ConvStepKernelTable table = {M2REC_ISA_NAME, W, &run, &rows_gemm};
+  static const ConvStepKernelTable table = {M2REC_ISA_NAME, W, &run, &rows_gemm, &gelu};
   return &table;
 }
 

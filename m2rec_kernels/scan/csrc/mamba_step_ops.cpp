@@ -28,32 +28,16 @@ using m2rec_state_update::StateUpdateParams;
 
 constexpr const char* kOp = "m2rec_scan_cpu.mamba_step";
 
-void tables(int64_t isa, const ConvStepKernelTable*& conv, const StateUpdateKernelTable*& update) {
-  conv = nullptr;
-  update = nullptr;
-  if (m2rec_cpu::cpu_has(isa)) {
-    switch (isa) {
+const m2rec_state_update::StateUpdateKernelTable* update_table(int64_t isa) {
+  switch (isa) {
 #ifdef M2REC_HAVE_AVX512
-      case m2rec_cpu::kAvx512:
-        conv = conv_step_kernels_avx512();
-        update = m2rec_state_update::state_update_kernels_avx512();
-        break;
+    case m2rec_cpu::kAvx512: return m2rec_state_update::state_update_kernels_avx512();
 #endif
 #ifdef M2REC_HAVE_AVX2
-      case m2rec_cpu::kAvx2:
-        conv = conv_step_kernels_avx2();
-        update = m2rec_state_update::state_update_kernels_avx2();
-        break;
+    case m2rec_cpu::kAvx2: return m2rec_state_update::state_update_kernels_avx2();
 #endif
-      case m2rec_cpu::kGeneric:
-        conv = conv_step_kernels_generic();
-        update = m2rec_state_update::state_update_kernels_generic();
-        break;
-      default: break;
-    }
+    default: return m2rec_state_update::state_update_kernels_generic();  // isa checked by conv_step_table
   }
-  TORCH_CHECK(conv != nullptr && update != nullptr, kOp, ": ISA variant ", isa,
-              " is not in this build or not supported by this CPU");
 }
 
 void check_f32(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape) {
@@ -80,8 +64,7 @@ void gemm(const ConvStepKernelTable* k, int64_t batch, const float* in, int64_t 
   g.wt = wt.data_ptr<float>();
   g.bias = bias ? bias->data_ptr<float>() : nullptr;
   g.out = out; g.out_sb = out_sb;
-  const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, g.K * g.n_pad));
-  if (batch > 0 && n > 0) at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) { k->gemm(g, b0, b1); });
+  if (n > 0) rows_gemm_parallel(k, g, batch);
 }
 
 at::Tensor mamba_step_op(const at::Tensor& hidden, const at::Tensor& conv_state, const at::Tensor& ssm_state,
@@ -90,9 +73,8 @@ at::Tensor mamba_step_op(const at::Tensor& hidden, const at::Tensor& conv_state,
                          const at::Tensor& x_proj_weight_t, const at::Tensor& dt_proj_weight_t, const at::Tensor& A,
                          const at::Tensor& D, const at::Tensor& dt_bias, const at::Tensor& out_weight_t,
                          const std::optional<at::Tensor>& out_bias, int64_t out_features, int64_t isa) {
-  const ConvStepKernelTable* conv_k;
-  const StateUpdateKernelTable* update_k;
-  tables(isa, conv_k, update_k);
+  const ConvStepKernelTable* conv_k = conv_step_table(isa, kOp);
+  const StateUpdateKernelTable* update_k = update_table(isa);
   TORCH_CHECK(hidden.dim() == 2, kOp, ": hidden must be (batch, d_model), got ", hidden.sizes());
   TORCH_CHECK(conv_state.dim() == 3 && ssm_state.dim() == 3 && A.dim() == 2 && dt_proj_weight_t.dim() == 2, kOp,
               ": conv_state, ssm_state must be 3-d and A, dt_proj_weight_t 2-d");
@@ -173,6 +155,30 @@ at::Tensor mamba_step_op(const at::Tensor& hidden, const at::Tensor& conv_state,
 }
 
 }  // namespace
+
+void rows_gemm_parallel(const ConvStepKernelTable* k, const RowsGemmParams& g, int64_t batch) {
+  const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, g.K * g.n_pad));
+  if (batch > 0) at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) { k->gemm(g, b0, b1); });
+}
+
+const ConvStepKernelTable* conv_step_table(int64_t isa, const char* op) {
+  const ConvStepKernelTable* t = nullptr;
+  if (m2rec_cpu::cpu_has(isa)) {
+    switch (isa) {
+#ifdef M2REC_HAVE_AVX512
+      case m2rec_cpu::kAvx512: t = conv_step_kernels_avx512(); break;
+#endif
+#ifdef M2REC_HAVE_AVX2
+      case m2rec_cpu::kAvx2: t = conv_step_kernels_avx2(); break;
+#endif
+      case m2rec_cpu::kGeneric: t = conv_step_kernels_generic(); break;
+      default: break;
+    }
+  }
+  TORCH_CHECK(t != nullptr, op, ": ISA variant ", isa, " is not in this build or not supported by this CPU");
+  return t;
+}
+
 }  // namespace m2rec_mamba_step
 
 TORCH_LIBRARY_FRAGMENT(m2rec_scan_cpu, m) {

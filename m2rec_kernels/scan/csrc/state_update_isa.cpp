@@ -145,13 +145,15 @@ void run(const StateUpdateParams& p, int64_t begin, int64_t end) {
   float* Bp = gate + padded_d;  // this row's B and C, zero-padded to whole vectors
   float* Cp = Bp + padded_n;
   float* a2 = Cp + padded_n;    // A log2 e, rows zero-padded to padded_n
-  float a2lo = 0.0f, a2hi = 0.0f;
+  // (bounds seeded from the first element, so the loop body has no first-element test to keep it
+  // from vectorising)
+  float a2lo = dim > 0 && N > 0 ? p.A[0] * kLog2e : 0.0f, a2hi = a2lo;
   for (int64_t d = 0; d < dim; ++d)
     for (int64_t n = 0; n < N; ++n) {
       const float v = p.A[d * N + n] * kLog2e;
       a2[d * padded_n + n] = v;
-      a2lo = (d == 0 && n == 0) || v < a2lo ? v : a2lo;  // NaN: fast_exp_ok decides either way
-      a2hi = (d == 0 && n == 0) || v > a2hi ? v : a2hi;
+      a2lo = v < a2lo ? v : a2lo;  // NaN: fast_exp_ok decides either way
+      a2hi = v > a2hi ? v : a2hi;
     }
   const bool full = N % W == 0;
   for (int64_t b = begin; b < end; ++b) {

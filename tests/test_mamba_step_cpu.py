@@ -82,6 +82,9 @@ def test_step_unchecked_routes_through_fused_op_and_falls_back():
         strided = torch.zeros(3, 7, m.d_inner).transpose(1, 2)
         assert not m._fused_step(h, conv, strided)  # state without unit stride along N
     assert not m._fused_step(h, conv, ssm)  # a gradient may be needed
+    half = MambaMixer(24, d_state=7, expand=2, dt_rank=3)
+    half.out_proj.bias = torch.nn.Parameter(torch.zeros(24, dtype=torch.float64))
+    assert half._fused_step_params() is None  # a non-fp32 parameter: the op-by-op path
     # the two paths agree in fp32 (the fallback forced), state by state
     conv2, ssm2 = conv.clone(), ssm.clone()
     with torch.no_grad():

@@ -354,28 +354,28 @@ class MambaMixer(nn.Module):
         """The fused step op's parameters, fp32 and contiguous, cached until they change (``derived``):
         A, the conv taps (d_inner, d_conv), D, the dt bias, and in_proj's, x_proj's, dt_proj's and
         out_proj's weights transposed (in, out) with the out columns zero-padded to a multiple of 16 (whole
-        vectors for every ISA variant of the op's matrix kernel)."""
+        vectors for every ISA variant of the op's matrix kernel). None when a weight or bias is not fp32
+        (the op takes fp32 only; the step then runs op by op)."""
         def build():
-            return (self._scan_params()[0].contiguous(), self.conv1d.weight[:, 0, :].float().contiguous(),
-                    self.D.float().contiguous(), self.dt_proj.bias.float().contiguous(),
-                    padded_transpose(self.in_proj.weight), padded_transpose(self.x_proj.weight), padded_transpose(self.dt_proj.weight),
-                    padded_transpose(self.out_proj.weight))
+            linears = (self.in_proj, self.x_proj, self.dt_proj, self.out_proj, self.conv1d)
+            if any(t is not None and t.dtype != torch.float32 for m in linears for t in (m.weight, m.bias)):
+                return None
+            return (self._scan_params()[0].contiguous(), self.conv1d.weight[:, 0, :].contiguous(),
+                    self.D.float().contiguous(), self.dt_proj.bias.contiguous(),
+                    padded_transpose(self.in_proj.weight), padded_transpose(self.x_proj.weight),
+                    padded_transpose(self.dt_proj.weight), padded_transpose(self.out_proj.weight))
         sources = (self.A_log, self.conv1d.weight, self.D, self.dt_proj.bias, self.in_proj.weight,
                    self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight)
         return derived(self, "fused_step", sources, build)
 
     def _fused_step(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> bool:
-        """Whether ``step_unchecked`` may run as one compiled op (``m2rec_scan_cpu.mamba_step``): CPU,
-        fp32 activations, weights and states with unit stride along their last axis, no gradient, and
-        the compiled library loaded; otherwise the step runs op by op."""
-        if not (self.backend in ("auto", "cpu") and hidden.device.type == "cpu" and not torch.is_grad_enabled()
+        """Whether ``step_unchecked`` may run as one compiled op (``m2rec_scan_cpu.mamba_step``) as far as
+        this call's tensors go: CPU, fp32, states with unit stride along their last axis, no gradient,
+        the compiled library loaded (the weights' dtypes are checked once, by ``_fused_step_params``)."""
+        return (self.backend in ("auto", "cpu") and hidden.device.type == "cpu" and not torch.is_grad_enabled()
                 and hidden.dtype == torch.float32 and conv_state.dtype == torch.float32
                 and ssm_state.dtype == torch.float32 and conv_state.stride(-1) == 1 and ssm_state.stride(-1) == 1
-                and hidden.stride(-1) == 1):
-            return False
-        weights = (self.in_proj.weight, self.conv1d.weight, self.x_proj.weight, self.dt_proj.weight,
-                   self.out_proj.weight)
-        return all(w.dtype == torch.float32 for w in weights) and cpu_scan_unavailable() is None
+                and hidden.stride(-1) == 1 and cpu_scan_unavailable() is None)
 
     def _compiled_update(self, ssm_state: torch.Tensor, x: torch.Tensor) -> bool:
         """Whether ``step_unchecked`` may call the compiled CPU state update directly (what
@@ -387,8 +387,9 @@ class MambaMixer(nn.Module):
     def step_unchecked(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """``step`` on checked arguments, hidden (batch, d_model) -> (batch, d_model): the streaming
         path, whose states were checked when they were made."""
-        if self._fused_step(hidden, conv_state, ssm_state):
-            A, taps, D, dt_bias, in_t, x_t, dt_t, out_t = self._fused_step_params()
+        fused = self._fused_step_params() if self._fused_step(hidden, conv_state, ssm_state) else None
+        if fused is not None:
+            A, taps, D, dt_bias, in_t, x_t, dt_t, out_t = fused
             return torch.ops.m2rec_scan_cpu.mamba_step(
                 hidden, conv_state, ssm_state, in_t, self.in_proj.bias, taps, self.conv1d.bias, x_t, dt_t, A, D,
                 dt_bias, out_t, self.out_proj.bias, self.d_model, _isa_code(None))

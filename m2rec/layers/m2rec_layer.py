@@ -22,10 +22,17 @@ import torch.nn.functional as F
 
 from m2rec_kernels import gated_fusion
 from m2rec_kernels._checks import check_tensor
+from m2rec_kernels.scan.cpu import _isa_code, cpu_scan_unavailable
 
 from .feed_forward import LAYER_NORM_EPS, FeedForward
 from .frequency_filter import FrequencyFilter
-from .mamba_mixer import MambaMixer
+from .derived import derived
+from .mamba_mixer import MambaMixer, padded_transpose
+
+
+def _compiled_fusion_step() -> bool:
+    """Whether the compiled library (with ``fusion_ffn_step``) is loaded; checked per call, cheaply."""
+    return cpu_scan_unavailable() is None
 
 
 class M2RecLayer(nn.Module):
@@ -163,6 +170,14 @@ class M2RecLayer(nn.Module):
             self.filter._check_streamable()
         return self.step_unchecked(h, s, state, positions)
 
+    def _ffn_padded_t(self):
+        """The FFN weights transposed, columns zero-padded as the fused step's matrix kernel reads them
+        (fp32 only; ``None`` pair for other dtypes), cached until they change (``derived``)."""
+        w1, w2 = self.ffn.w_1.weight, self.ffn.w_2.weight
+        if w1.dtype != torch.float32 or w2.dtype != torch.float32:
+            return None, None
+        return derived(self, "ffn_padded_t", (w1, w2), lambda: (padded_transpose(w1), padded_transpose(w2)))
+
     def step_unchecked(self, h: torch.Tensor, s: Optional[torch.Tensor], state: Dict[str, torch.Tensor],
                        positions: torch.Tensor) -> torch.Tensor:
         """``step`` on checked arguments: the streaming path (the state was checked when it was made,
@@ -176,12 +191,18 @@ class M2RecLayer(nn.Module):
             branches.append(s.to(h.dtype))
         if len(branches) == 1 or h.dtype not in (torch.float32, torch.float64) or h.device.type != "cpu":
             return self._fuse([b[:, None, :] for b in branches], h[:, None, :])[0][:, 0]
+        norm, ffn = self.fusion_norm, self.ffn
+        if _compiled_fusion_step():  # the same math as below in one compiled call (csrc/fusion_step_ops.cpp)
+            w1_t, w2_t = self._ffn_padded_t() if h.dtype == torch.float32 else (None, None)
+            return torch.ops.m2rec_scan_cpu.fusion_ffn_step(
+                branches, h, self.gate_weight, self.gate_bias, norm.weight, norm.bias, norm.eps, ffn.w_1.weight,
+                ffn.w_1.bias, ffn.w_2.weight, ffn.w_2.bias, ffn.layer_norm.weight, ffn.layer_norm.bias,
+                ffn.layer_norm.eps, w1_t, w2_t, _isa_code(None))
         # gated_fusion's reference at one position (DESIGN §2.3): alpha = softmax(cat · W^T + b),
         # LayerNorm(h + sum_i alpha_i · branch_i); then the FFN (eval: no dropout) inline
         stacked = torch.stack(branches, dim=1)  # (batch, k, d)
         alpha = torch.softmax(F.linear(stacked.view(stacked.shape[0], -1), self.gate_weight, self.gate_bias), dim=-1)
         mixed = torch.mul(stacked, alpha[:, :, None]).sum(1)
-        norm, ffn = self.fusion_norm, self.ffn
         fused = F.layer_norm(mixed.add_(h), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         inner = F.linear(F.gelu(F.linear(fused, ffn.w_1.weight, ffn.w_1.bias)), ffn.w_2.weight, ffn.w_2.bias)
         norm = ffn.layer_norm

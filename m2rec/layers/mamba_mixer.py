@@ -51,7 +51,16 @@ DT_INITS = ("random", "constant")
 #: d_model 64, N 32; thread time, min of 5): forward_last 15-20% faster at L 200 and 1000, ~40% at
 #: L 2000 than in one piece; slices of 1,600 to 6,400 positions within ~5% of each other at L 200 and 1000.
 LAST_CHUNK_POSITIONS = 4096
+#: the fused step op's transposed weights have their columns padded to a multiple of this (whole vectors
+#: of its matrix kernel: 16 lanes for AVX-512, 8 for AVX2, fewer for the generic variant)
+FUSED_STEP_COLUMNS = 16
 _PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def padded_transpose(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear weight (out, in) as the fused step ops' matrix kernel reads it: fp32 (in, out_pad),
+    transposed, the columns zero-padded to a multiple of ``FUSED_STEP_COLUMNS``."""
+    return F.pad(weight.float().t(), (0, -weight.shape[0] % FUSED_STEP_COLUMNS)).contiguous()
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -341,6 +350,33 @@ class MambaMixer(nn.Module):
             return self._scan_params()[0], self.conv1d.weight[:, 0, :].t().contiguous()
         return derived(self, "step", (self.A_log, self.conv1d.weight), build)
 
+    def _fused_step_params(self):
+        """The fused step op's parameters, fp32 and contiguous, cached until they change (``derived``):
+        A, the conv taps (d_inner, d_conv), D, the dt bias, and in_proj's, x_proj's, dt_proj's and
+        out_proj's weights transposed (in, out) with the out columns zero-padded to a multiple of 16 (whole
+        vectors for every ISA variant of the op's matrix kernel). None when a weight or bias is not fp32
+        (the op takes fp32 only; the step then runs op by op)."""
+        def build():
+            linears = (self.in_proj, self.x_proj, self.dt_proj, self.out_proj, self.conv1d)
+            if any(t is not None and t.dtype != torch.float32 for m in linears for t in (m.weight, m.bias)):
+                return None
+            return (self._scan_params()[0].contiguous(), self.conv1d.weight[:, 0, :].contiguous(),
+                    self.D.float().contiguous(), self.dt_proj.bias.contiguous(),
+                    padded_transpose(self.in_proj.weight), padded_transpose(self.x_proj.weight),
+                    padded_transpose(self.dt_proj.weight), padded_transpose(self.out_proj.weight))
+        sources = (self.A_log, self.conv1d.weight, self.D, self.dt_proj.bias, self.in_proj.weight,
+                   self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight)
+        return derived(self, "fused_step", sources, build)
+
+    def _fused_step(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> bool:
+        """Whether ``step_unchecked`` may run as one compiled op (``m2rec_scan_cpu.mamba_step``) as far as
+        this call's tensors go: CPU, fp32, states with unit stride along their last axis, no gradient,
+        the compiled library loaded (the weights' dtypes are checked once, by ``_fused_step_params``)."""
+        return (self.backend in ("auto", "cpu") and hidden.device.type == "cpu" and not torch.is_grad_enabled()
+                and hidden.dtype == torch.float32 and conv_state.dtype == torch.float32
+                and ssm_state.dtype == torch.float32 and conv_state.stride(-1) == 1 and ssm_state.stride(-1) == 1
+                and hidden.stride(-1) == 1 and cpu_scan_unavailable() is None)
+
     def _compiled_update(self, ssm_state: torch.Tensor, x: torch.Tensor) -> bool:
         """Whether ``step_unchecked`` may call the compiled CPU state update directly (what
         ``selective_state_update`` would choose, without its per-call checks and dispatch)."""
@@ -351,6 +387,12 @@ class MambaMixer(nn.Module):
     def step_unchecked(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """``step`` on checked arguments, hidden (batch, d_model) -> (batch, d_model): the streaming
         path, whose states were checked when they were made."""
+        fused = self._fused_step_params() if self._fused_step(hidden, conv_state, ssm_state) else None
+        if fused is not None:
+            A, taps, D, dt_bias, in_t, x_t, dt_t, out_t = fused
+            return torch.ops.m2rec_scan_cpu.mamba_step(
+                hidden, conv_state, ssm_state, in_t, self.in_proj.bias, taps, self.conv1d.bias, x_t, dt_t, A, D,
+                dt_bias, out_t, self.out_proj.bias, self.d_model, _isa_code(None))
         dtype = hidden.dtype
         x, z = F.linear(hidden, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (batch, d_inner)
         A, taps = self._step_params()

@@ -1,0 +1,169 @@
+// The op torch.ops.m2rec_scan_cpu.fusion_ffn_step: the rest of an M2Rec layer's streaming step after its
+// branches, in one call — gated_fusion at one position (DESIGN §2.3: alpha = softmax(cat(branches) ·
+// gate_weight^T + gate_bias), LayerNorm(h + sum_i alpha_i branch_i)), then the FFN in eval mode
+// (LayerNorm(f + W2 · GELU(W1 · f)), m2rec/layers/feed_forward.py). The same ATen ops as the Python form
+// (m2rec/layers/m2rec_layer.py, M2RecLayer.step_unchecked), without a Python call per op: at batch 64,
+// d 64 their dispatch cost more than their arithmetic (DESIGN §10, "Streaming"). Any floating dtype;
+// Python calls it for fp32 and fp64 CPU rows. With w1_t and w2_t (fp32: the FFN weights' transposes,
+// columns zero-padded to whole vectors) the FFN's products and GELU run on the step kernels of
+// mamba_step_isa.cpp instead of ATen's.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "mamba_step_api.h"
+
+namespace m2rec_fusion_step {
+namespace {
+
+constexpr const char* kOp = "m2rec_scan_cpu.fusion_ffn_step";
+
+// sum_c a[c] b[c] with 8 partial sums (a fixed order the compiler vectorises; one running sum is a
+// chain of dependent adds, 4x slower at d 64).
+float dot(const float* a, const float* b, int64_t n) {
+  float part[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8)
+    for (int l = 0; l < 8; ++l) part[l] += a[c + l] * b[c + l];
+  for (; c < n; ++c) part[0] += a[c] * b[c];
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
+// v = (v - mean) / sqrt(var + eps) * weight + bias over one row of n (biased variance, as LayerNorm),
+// mean and variance in two passes, each with partial sums (as dot).
+void layer_norm_row(float* v, int64_t n, const float* weight, const float* bias, double eps) {
+  float part[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8)
+    for (int l = 0; l < 8; ++l) part[l] += v[c + l];
+  for (; c < n; ++c) part[0] += v[c];
+  const float mean = (((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]))) /
+                     static_cast<float>(n);
+  float sq[8] = {};
+  for (c = 0; c + 8 <= n; c += 8)
+    for (int l = 0; l < 8; ++l) sq[l] += (v[c + l] - mean) * (v[c + l] - mean);
+  for (; c < n; ++c) sq[0] += (v[c] - mean) * (v[c] - mean);
+  const float var = (((sq[0] + sq[4]) + (sq[1] + sq[5])) + ((sq[2] + sq[6]) + (sq[3] + sq[7]))) / static_cast<float>(n);
+  const float inv = 1.0f / std::sqrt(var + static_cast<float>(eps));
+  for (c = 0; c < n; ++c) v[c] = (v[c] - mean) * inv * weight[c] + bias[c];
+}
+
+at::Tensor fusion_ffn_step_op(at::TensorList branches, const at::Tensor& h, const at::Tensor& gate_weight,
+                              const at::Tensor& gate_bias, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+                              double norm_eps, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                              const at::Tensor& b2, const at::Tensor& ffn_norm_weight,
+                              const at::Tensor& ffn_norm_bias, double ffn_norm_eps,
+                              const std::optional<at::Tensor>& w1_t, const std::optional<at::Tensor>& w2_t,
+                              int64_t isa) {
+  const int64_t k = static_cast<int64_t>(branches.size());
+  TORCH_CHECK(k >= 1, kOp, ": needs at least one branch");
+  TORCH_CHECK(h.dim() == 2, kOp, ": h must be (batch, d), got ", h.sizes());
+  const int64_t d = h.size(1);
+  for (const at::Tensor& b : branches)
+    TORCH_CHECK(b.sizes() == h.sizes() && b.scalar_type() == h.scalar_type(), kOp,
+                ": every branch must be (batch, d) = ", h.sizes(), " in ", h.scalar_type(), ", got ", b.sizes(),
+                " in ", b.scalar_type());
+  TORCH_CHECK(gate_weight.dim() == 2 && gate_weight.size(0) == k && gate_weight.size(1) == k * d, kOp,
+              ": gate_weight must be (", k, ", ", k * d, "), got ", gate_weight.sizes());
+  TORCH_CHECK(w1_t.has_value() == w2_t.has_value(), kOp, ": give both w1_t and w2_t or neither");
+  if (!w1_t) {
+    const at::Tensor alpha = at::softmax(at::linear(at::cat(branches, 1), gate_weight, gate_bias), -1);  // (batch, k)
+    at::Tensor mixed = h.clone();
+    for (int64_t i = 0; i < k; ++i) mixed.addcmul_(branches[i], alpha.narrow(1, i, 1));
+    const at::Tensor fused = at::layer_norm(mixed, {d}, norm_weight, norm_bias, norm_eps);
+    at::Tensor inner = at::linear(at::gelu(at::linear(fused, w1, b1)), w2, b2);
+    return at::layer_norm(inner.add_(fused), {d}, ffn_norm_weight, ffn_norm_bias, ffn_norm_eps);
+  }
+  TORCH_CHECK(h.scalar_type() == at::kFloat, kOp, ": w1_t / w2_t are for fp32 rows, got ", h.scalar_type());
+  for (const at::Tensor* t : {&gate_weight, &gate_bias, &norm_weight, &norm_bias, &ffn_norm_weight, &ffn_norm_bias})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), kOp,
+                ": with w1_t / w2_t the gate and LayerNorm parameters must be contiguous fp32, got ", t->scalar_type());
+  TORCH_CHECK(gate_bias.numel() == k && norm_weight.numel() == d && norm_bias.numel() == d &&
+                  ffn_norm_weight.numel() == d && ffn_norm_bias.numel() == d,
+              kOp, ": gate_bias must hold ", k, " values and the LayerNorm parameters ", d);
+  // The gate and the first LayerNorm row by row in plain loops (a dozen ATen calls on (64, 64) rows
+  // cost more than this arithmetic): alpha = softmax(gate_weight · cat(branches) + gate_bias),
+  // LayerNorm(h + sum_i alpha_i branch_i).
+  const at::Tensor hc = h.contiguous();
+  std::vector<at::Tensor> bc;
+  std::vector<const float*> bp;
+  for (const at::Tensor& b : branches) {
+    bc.push_back(b.contiguous());
+    bp.push_back(bc.back().data_ptr<float>());
+  }
+  const int64_t rows = h.size(0);
+  at::Tensor fused = at::empty({rows, d}, hc.options());
+  {
+    const float* gw = gate_weight.data_ptr<float>();
+    const float* gb = gate_bias.data_ptr<float>();
+    std::vector<float> alpha(k);
+    for (int64_t r = 0; r < rows; ++r) {
+      float top = -INFINITY;
+      for (int64_t i = 0; i < k; ++i) {
+        float z = gb[i];
+        for (int64_t j = 0; j < k; ++j) z += dot(gw + i * k * d + j * d, bp[j] + r * d, d);
+        alpha[i] = z;
+        top = z > top ? z : top;
+      }
+      float total = 0.0f;
+      for (int64_t i = 0; i < k; ++i) total += (alpha[i] = std::exp(alpha[i] - top));
+      for (int64_t i = 0; i < k; ++i) alpha[i] /= total;
+      float* out = fused.data_ptr<float>() + r * d;
+      const float* hr = hc.data_ptr<float>() + r * d;
+      for (int64_t c = 0; c < d; ++c) out[c] = hr[c];
+      for (int64_t i = 0; i < k; ++i) {
+        const float* x = bp[i] + r * d;
+        for (int64_t c = 0; c < d; ++c) out[c] += alpha[i] * x[c];
+      }
+      layer_norm_row(out, d, norm_weight.data_ptr<float>(), norm_bias.data_ptr<float>(), norm_eps);
+    }
+  }
+  // fp32 with the weights' padded transposes: the two products and the GELU by the step kernels
+  // (mamba_step_isa.cpp; at batch 64 torch's BLAS and GELU cost 2x these)
+  const m2rec_mamba_step::ConvStepKernelTable* kt = m2rec_mamba_step::conv_step_table(isa, kOp);
+  const int64_t batch = rows, inner_n = w1.size(0);
+  auto check_t = [&](const char* name, const at::Tensor& t, const at::Tensor& b, int64_t K, int64_t n) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.is_contiguous() && t.size(0) == K &&
+                    t.size(1) >= n && t.size(1) % kt->width == 0,
+                kOp, ": ", name, " must be a contiguous fp32 (", K, ", n_pad) matrix, n_pad >= ", n,
+                " a multiple of ", kt->width, ", got ", t.scalar_type(), " ", t.sizes());
+    TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == n, kOp, ": the bias beside ",
+                name, " must be ", n, " contiguous fp32 values");
+  };
+  check_t("w1_t", *w1_t, b1, d, inner_n);
+  check_t("w2_t", *w2_t, b2, inner_n, d);
+  const at::Tensor& f = fused;
+  at::Tensor inner = at::empty({batch, inner_n}, f.options());
+  m2rec_mamba_step::RowsGemmParams g{};
+  g.K = d; g.n = inner_n; g.n_pad = w1_t->size(1); g.in = f.data_ptr<float>(); g.in_sb = d;
+  g.wt = w1_t->data_ptr<float>(); g.bias = b1.data_ptr<float>(); g.out = inner.data_ptr<float>(); g.out_sb = inner_n;
+  m2rec_mamba_step::rows_gemm_parallel(kt, g, batch);
+  kt->gelu(inner.data_ptr<float>(), batch * inner_n);
+  at::Tensor out = at::empty({batch, d}, f.options());
+  g.K = inner_n; g.n = d; g.n_pad = w2_t->size(1); g.in = inner.data_ptr<float>(); g.in_sb = inner_n;
+  g.wt = w2_t->data_ptr<float>(); g.bias = b2.data_ptr<float>(); g.out = out.data_ptr<float>(); g.out_sb = d;
+  m2rec_mamba_step::rows_gemm_parallel(kt, g, batch);
+  float* o = out.data_ptr<float>();
+  const float* fp = f.data_ptr<float>();
+  for (int64_t r = 0; r < batch; ++r) {
+    for (int64_t c = 0; c < d; ++c) o[r * d + c] += fp[r * d + c];
+    layer_norm_row(o + r * d, d, ffn_norm_weight.data_ptr<float>(), ffn_norm_bias.data_ptr<float>(), ffn_norm_eps);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace m2rec_fusion_step
+
+TORCH_LIBRARY_FRAGMENT(m2rec_scan_cpu, m) {
+  m.def("fusion_ffn_step(Tensor[] branches, Tensor h, Tensor gate_weight, Tensor gate_bias, Tensor norm_weight, "
+        "Tensor norm_bias, float norm_eps, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor ffn_norm_weight, "
+        "Tensor ffn_norm_bias, float ffn_norm_eps, Tensor? w1_t, Tensor? w2_t, int isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(m2rec_scan_cpu, CPU, m) {
+  m.impl("fusion_ffn_step", &m2rec_fusion_step::fusion_ffn_step_op);
+}

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from m2rec_kernels import causal_filter, fft_filter
 from m2rec_kernels._checks import check_lengths, check_tensor, tracing
-from m2rec_kernels.freq_filter.ring_step import ring_filter_step, weighted_sum
+from m2rec_kernels.freq_filter.ring_step import causal_filter_last, ring_filter_step, weighted_sum
 
 FILTER_MODES = ("causal", "circular")
 
@@ -114,6 +114,9 @@ class FrequencyFilter(nn.Module):
         if not 1 <= x.shape[1] <= self.max_len:
             raise ValueError(f"FrequencyFilter: sequence length (x.shape[1]) must lie in [1, max_len={self.max_len}], "
                              f"got {x.shape[1]}")
+        compiled = causal_filter_last(x, self.kernel, lengths, backend=self.backend)
+        if compiled is not None:
+            return compiled
         return self._weighted_sum(x, self._last_taps(lengths, x.shape[1]))
 
     def _check_streamable(self) -> None:

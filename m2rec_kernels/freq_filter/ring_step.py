@@ -76,3 +76,27 @@ def ring_filter_step(history: torch.Tensor, x: torch.Tensor, kernel: torch.Tenso
         if backend == "cpu" and isa is not None:
             raise RuntimeError(f"ring_filter_step: the compiled step cannot run: {why}")
     return ring_filter_step_reference(history, x, kernel, positions)
+
+
+def causal_filter_last(x: torch.Tensor, kernel: torch.Tensor, lengths: torch.Tensor,
+                       backend: str = "auto") -> Optional[torch.Tensor]:
+    """The causal filter's output at each sequence's last position, y[b] = sum_{t < n_b} x[b, t] *
+    kernel[n_b - 1 - t] (n_b = lengths[b] in [1, L]), from the compiled kernel
+    (``csrc/ring_filter_ops.cpp``: one pass over the history, no tap table or product formed) — or None
+    where it cannot run (backend "torch", not fp32 CPU with unit stride along d, a gradient needed, a
+    traced call, the library not built): the caller then takes its PyTorch form. The caller checks
+    shapes and lengths (the kernel checks the lengths again before reading)."""
+    if backend not in ("auto", "cpu") or tracing():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad):
+        return None
+    if x.device.type != "cpu" or x.dtype != torch.float32 or kernel.dtype != torch.float32:
+        return None
+    if x.shape[2] > 1 and x.stride(2) != 1:
+        return None
+    from ..scan.cpu import cpu_scan_status
+
+    if not cpu_scan_status().available or not hasattr(torch.ops.m2rec_scan_cpu, "causal_filter_last"):
+        return None
+    return torch.ops.m2rec_scan_cpu.causal_filter_last(x, kernel, lengths)
+

@@ -73,8 +73,8 @@ def streaming_table(rows: Sequence[Dict]) -> List[str]:
                     key=lambda r: (r["name"], r["backend"], r["L"], r["batch"])):
         L, b = int(r["L"]), int(r["batch"])
         full = _ms(idx.get(("inference", r["name"], r["backend"], L, b)))
-        lines.append(f"| {r['name']} ({r['backend']}) | {b} | {L} | {_fmt_ms(_ms(r))} | {_fmt_ms(full)} | "
-                     f"{_ratio(_ms(r), full)} |")
+        share = "—" if full is None else f"1/{full / _ms(r):.1f}"
+        lines.append(f"| {r['name']} ({r['backend']}) | {b} | {L} | {_fmt_ms(_ms(r))} | {_fmt_ms(full)} | {share} |")
     if not lines:
         return []
     return ["| model | batch | history L | step | scores() | step / scores() |", "|---|---|---|---|---|---|"] + lines

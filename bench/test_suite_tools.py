@@ -209,7 +209,7 @@ def test_summary_tables_compute_ratios_from_the_rows():
     machine = dict(cpu_model="Test CPU", cpu_cores=2, timing_threads=1, torch="x", triton="y", utc_time="t")
     text = summary(dict(rows=rows, machine=machine, load_average_during_run=[1.0, 1.0], suite_seconds=60.0))
     assert "| 64 | 200 | 20.0 ms | 50.0 ms | 0.40 |" in text  # the not-run torch column is left out
-    assert "| m2rec (cpu) | 64 | 200 | 0.80 ms | 20.0 ms | 0.04 |" in text
+    assert "| m2rec (cpu) | 64 | 200 | 0.80 ms | 20.0 ms | 1/25.0 |" in text
     assert "| selective_scan | forward | 64 | 200 | 10.0 ms | 110.0 ms | 11.0× |" in text
     assert "| m2rec (torch, 2 processes) | 64 | 200 | 900.0 ms | 2.00 |" in text
     assert "Test CPU" in text and "Training step" not in text  # no training rows: no table

@@ -1,6 +1,7 @@
 """The README's benchmark tables, printed from a results file (never typed by hand).
 
-    python -m bench.summary reports/bench-cpu-results.json
+    python -m bench.summary reports/bench-cpu-results.json                    # print them
+    python -m bench.summary reports/bench-cpu-results.json --readme README.md  # or put them in the README
 
 Every figure is a median latency from that one run of the suite, and every ratio is between two rows of
 it (same machine, same load, same thread count): M2Rec against SASRec for inference and training, a
@@ -139,11 +140,28 @@ def summary(data: Dict) -> str:
     return "\n".join(out)
 
 
+README_START, README_END = "<!-- bench-summary:start -->", "<!-- bench-summary:end -->"
+
+
+def replace_readme_block(text: str, block: str) -> str:
+    """``text`` with what lies between the README's two markers replaced by ``block``."""
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the README has no {README_START} ... {README_END} block")
+    return text[:start + len(README_START)] + "\n" + block.rstrip("\n") + "\n" + text[end:]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Print the README's benchmark tables from a results file.")
     p.add_argument("results", type=Path, nargs="?", default=Path("reports/bench-cpu-results.json"))
+    p.add_argument("--readme", type=Path, help="write the tables between the bench-summary markers of this file")
     a = p.parse_args(argv)
-    print(summary(load_results(a.results)))
+    text = summary(load_results(a.results))
+    if a.readme is None:
+        print(text)
+    else:
+        a.readme.write_text(replace_readme_block(a.readme.read_text(), f"(from `{a.results}`)\n\n" + text))
+        print(f"wrote the tables into {a.readme}")
     return 0
 
 

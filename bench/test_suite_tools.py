@@ -213,3 +213,12 @@ def test_summary_tables_compute_ratios_from_the_rows():
     assert "| selective_scan | forward | 64 | 200 | 10.0 ms | 110.0 ms | 11.0× |" in text
     assert "| m2rec (torch, 2 processes) | 64 | 200 | 900.0 ms | 2.00 |" in text
     assert "Test CPU" in text and "Training step" not in text  # no training rows: no table
+
+
+def test_summary_replaces_only_the_readme_block():
+    from .summary import README_END, README_START, replace_readme_block
+
+    text = f"intro\n{README_START}\nold table\n{README_END}\noutro\n"
+    assert replace_readme_block(text, "new table") == f"intro\n{README_START}\nnew table\n{README_END}\noutro\n"
+    with pytest.raises(ValueError, match="no <!-- bench-summary:start -->"):
+        replace_readme_block("no markers", "x")

@@ -10,17 +10,10 @@ import torch
 from _tolerance import assert_close
 from m2rec_kernels.freq_filter.ring_step import ring_filter_step, ring_filter_step_reference
 from m2rec_kernels.scan import cpu as scan_cpu
+from _cpu_library import ISAS, STATUS, needs_lib  # noqa: F401
+from _cpu_library import isa_or_skip as _isa_or_skip
 
-STATUS = scan_cpu.cpu_scan_status()
-ISAS = ["avx512", "avx2", "generic"]
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _isa_or_skip(isa):
-    if not STATUS.available:
-        pytest.skip(STATUS.describe())
-    if not scan_cpu.isa_available(isa):
-        pytest.skip(f"the {isa} variant is not built or this CPU lacks its instructions")
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -23,20 +23,11 @@ from m2rec_kernels.scan import cpu as scan_cpu
 from m2rec_kernels.scan import cpu_build
 from m2rec_kernels.scan import ops as scan_ops
 from m2rec_kernels.scan.reference import selective_scan_ref
+from _cpu_library import ISAS, STATUS, needs_lib  # noqa: F401
+from _cpu_library import isa_or_skip as _isa_or_skip
 
-STATUS = scan_cpu.cpu_scan_status()
-needs_lib = pytest.mark.skipif(not STATUS.available, reason=STATUS.describe())
-ISAS = ["avx512", "avx2", "generic"]
 GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 OPTION_GRID = list(itertools.product([False, True], repeat=4))  # D, z, delta_bias, softplus
-
-
-def _isa_or_skip(isa):
-    if not STATUS.available:
-        pytest.skip(STATUS.describe())
-    if not scan_cpu.isa_available(isa):
-        pytest.skip(f"the {isa} variant is not built or this CPU lacks its instructions")
-    return isa
 
 
 def _run(kw, impl, grad_out=None, grad_last=None, isa=None, dtype=None, f64=False):

@@ -19,19 +19,11 @@ from m2rec_kernels.scan import selective_scan, selective_scan_final, selective_s
 from m2rec_kernels.scan import cpu as scan_cpu
 from m2rec_kernels.scan.ops import form_delta
 from m2rec_kernels.scan.reference import selective_scan_final_ref, selective_scan_ref
+from _cpu_library import ISAS, STATUS, needs_lib  # noqa: F401
+from _cpu_library import isa_or_skip as _isa_or_skip
 
-STATUS = scan_cpu.cpu_scan_status()
-ISAS = ["avx512", "avx2", "generic"]
 BATCH, DIM, L, N, R = 3, 48, 37, 7, 3  # the project's odd shapes, rank 3
 OPTIONS = list(itertools.product([False, True], repeat=4))  # D, z, delta_bias, softplus
-
-
-def _isa_or_skip(isa):
-    if not STATUS.available:
-        pytest.skip(STATUS.describe())
-    if not scan_cpu.isa_available(isa):
-        pytest.skip(f"the {isa} variant is not built or this CPU lacks its instructions")
-    return isa
 
 
 def _inputs(time_major=True, dtype=torch.float32, seed=0, dim=DIM, L_=L):

@@ -19,21 +19,13 @@ from _tolerance import assert_close
 from m2rec_kernels import selective_scan, selective_state_update
 from m2rec_kernels.scan import cpu as scan_cpu
 from m2rec_kernels.scan.reference import selective_state_update_ref
+from _cpu_library import ISAS, STATUS, needs_lib  # noqa: F401
+from _cpu_library import isa_or_skip as _isa_or_skip
 
-STATUS = scan_cpu.cpu_scan_status()
-ISAS = ["avx512", "avx2", "generic"]
 OPTIONS = list(itertools.product([False, True], repeat=4))  # D, z, dt_bias, softplus
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 OUT_TOL = {torch.float32: FP32_TOL, torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
            torch.float16: dict(rtol=2e-3, atol=2e-3)}
-
-
-def _isa_or_skip(isa):
-    if not STATUS.available:
-        pytest.skip(STATUS.describe())
-    if not scan_cpu.isa_available(isa):
-        pytest.skip(f"the {isa} variant is not built or this CPU lacks its instructions")
-    return isa
 
 
 def _step_inputs(batch, dim, N, opts=(True, True, True, True), dtype=torch.float32, seed=0):

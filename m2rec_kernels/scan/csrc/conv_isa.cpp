@@ -33,22 +33,6 @@ constexpr int64_t kChunk = 64;  // steps per chunk (backward: the dp of one bloc
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// W lanes from p, of which the first ``lanes`` are real (the rest read as 0, never out of bounds).
-inline Vec load_n(const float* p, int lanes) {
-  if (lanes == W) return Vec::load(p);
-  alignas(64) float tmp[W] = {};
-  memcpy(tmp, p, sizeof(float) * lanes);
-  return Vec::load(tmp);
-}
-inline void store_n(Vec v, float* p, int lanes) {
-  if (lanes == W) {
-    v.store(p);
-    return;
-  }
-  alignas(64) float tmp[W];
-  v.store(tmp);
-  memcpy(p, tmp, sizeof(float) * lanes);
-}
 
 // One task's channels: c0 .. c0 + nc, in nb vector blocks; taps transposed to [k][channel] (so a
 // vector load gives tap k of W channels) and the bias, zero-padded to nb * W.

@@ -55,21 +55,6 @@ void silu_row(float* v, int64_t n) {
   }
 }
 
-inline Vec load_n(const float* p, int lanes) {
-  if (lanes == W) return Vec::load(p);
-  alignas(64) float tmp[W] = {};
-  memcpy(tmp, p, sizeof(float) * lanes);
-  return Vec::load(tmp);
-}
-inline void store_n(Vec v, float* p, int lanes) {
-  if (lanes == W) {
-    v.store(p);
-    return;
-  }
-  alignas(64) float tmp[W];
-  v.store(tmp);
-  memcpy(p, tmp, sizeof(float) * lanes);
-}
 
 // kR rows starting at row b, output columns [j0, j0 + kV W) (the last ones may be past n: not stored).
 template <int kR, int kV>

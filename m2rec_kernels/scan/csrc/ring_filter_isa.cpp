@@ -17,21 +17,6 @@ using m2rec_ring_filter::RingFilterParams;
 constexpr int W = Vec::W;
 constexpr int kBlocks = 4;  // vectors of channels accumulated together
 
-inline Vec load_n(const float* p, int lanes) {
-  if (lanes == W) return Vec::load(p);
-  alignas(64) float tmp[W] = {};
-  memcpy(tmp, p, sizeof(float) * lanes);
-  return Vec::load(tmp);
-}
-inline void store_n(Vec v, float* p, int lanes) {
-  if (lanes == W) {
-    v.store(p);
-    return;
-  }
-  alignas(64) float tmp[W];
-  v.store(tmp);
-  memcpy(p, tmp, sizeof(float) * lanes);
-}
 
 // acc[j] += sum over slots s in [s0, s1) of h[s][j-th vector] * taps[age0 - (s - s0)][j-th vector].
 template <int kNb>

@@ -403,4 +403,22 @@ inline Vec sigmoid(Vec x) {
   return one / (one + exp(Vec::zero() - x));
 }
 
+// W lanes from p, of which the first ``lanes`` are real (the rest read as 0, never out of bounds), and
+// the store that writes only those lanes: the tails of channel loops.
+inline Vec load_n(const float* p, int lanes) {
+  if (lanes == Vec::W) return Vec::load(p);
+  alignas(64) float tmp[Vec::W] = {};
+  memcpy(tmp, p, sizeof(float) * lanes);
+  return Vec::load(tmp);
+}
+inline void store_n(Vec v, float* p, int lanes) {
+  if (lanes == Vec::W) {
+    v.store(p);
+    return;
+  }
+  alignas(64) float tmp[Vec::W];
+  v.store(tmp);
+  memcpy(p, tmp, sizeof(float) * lanes);
+}
+
 }  // namespace

@@ -24,22 +24,6 @@ using m2rec_state_update::StateUpdateParams;
 
 constexpr int W = Vec::W;
 
-// W lanes from p of which the first ``lanes`` are real (the others read as 0, never out of bounds).
-inline Vec load_n(const float* p, int lanes) {
-  if (lanes == W) return Vec::load(p);
-  alignas(64) float tmp[W] = {};
-  memcpy(tmp, p, sizeof(float) * lanes);
-  return Vec::load(tmp);
-}
-inline void store_n(Vec v, float* p, int lanes) {
-  if (lanes == W) {
-    v.store(p);
-    return;
-  }
-  alignas(64) float tmp[W];
-  v.store(tmp);
-  memcpy(p, tmp, sizeof(float) * lanes);
-}
 
 inline float sum_lanes(Vec v) {  // pairwise halving, the same order whatever the caller
 #if defined(M2REC_ISA_AVX512)

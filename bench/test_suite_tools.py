@@ -222,3 +222,13 @@ def test_summary_replaces_only_the_readme_block():
     assert replace_readme_block(text, "new table") == f"intro\n{README_START}\nnew table\n{README_END}\noutro\n"
     with pytest.raises(ValueError, match="no <!-- bench-summary:start -->"):
         replace_readme_block("no markers", "x")
+
+
+def test_fast_calls_repeat_within_a_round_and_slow_ones_do_not():
+    from .grids import CPU
+    from .timing import MIN_ROUND_S, plan_rounds
+
+    rounds, iterations = plan_rounds(0.001, CPU)  # a 1 ms call: 20 calls per round, 50 rounds
+    assert iterations * 0.001 >= MIN_ROUND_S and rounds == CPU.max_rounds
+    assert plan_rounds(0.5, CPU) == (CPU.min_rounds, 1)  # slow: one call per round, the minimum rounds
+    assert plan_rounds(0.05, CPU) == (20, 1)  # 1 s of 50 ms calls

@@ -17,19 +17,8 @@ namespace m2rec_conv {
 namespace {
 
 const ConvKernelTable* table(int64_t isa) {
-  const ConvKernelTable* t = nullptr;
-  if (m2rec_cpu::cpu_has(isa)) {
-    switch (isa) {
-#ifdef M2REC_HAVE_AVX512
-      case m2rec_cpu::kAvx512: t = conv_kernels_avx512(); break;
-#endif
-#ifdef M2REC_HAVE_AVX2
-      case m2rec_cpu::kAvx2: t = conv_kernels_avx2(); break;
-#endif
-      case m2rec_cpu::kGeneric: t = conv_kernels_generic(); break;
-      default: break;
-    }
-  }
+  const ConvKernelTable* t = m2rec_cpu::variant_table(isa, M2REC_AVX512_OR_NULL(conv_kernels_avx512), M2REC_AVX2_OR_NULL(conv_kernels_avx2),
+                                 &conv_kernels_generic);
   TORCH_CHECK(t != nullptr, "m2rec_conv_cpu: ISA variant ", isa, " is not in this build or not supported by this CPU");
   return t;
 }

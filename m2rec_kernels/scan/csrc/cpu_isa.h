@@ -1,5 +1,5 @@
 // Which ISA variants of the compiled kernels this CPU runs: shared by the ops files of the library
-// (scan_ops.cpp, conv_ops.cpp), so every op picks its variant by the same rule.
+// (scan_ops.cpp, conv_ops.cpp, state_update_ops.cpp, ...), so every op picks its variant by the same rule.
 #pragma once
 
 #include <stdint.h>
@@ -20,6 +20,29 @@ inline bool cpu_has(int64_t isa) {
 #else
   return isa == kGeneric;
 #endif
+}
+
+// A variant's table getter where the library holds that variant, else a null getter of the same type
+// (the variant was not compiled: its getter is declared but not defined).
+#ifdef M2REC_HAVE_AVX512
+#define M2REC_AVX512_OR_NULL(getter) (&getter)
+#else
+#define M2REC_AVX512_OR_NULL(getter) static_cast<decltype(&getter)>(nullptr)
+#endif
+#ifdef M2REC_HAVE_AVX2
+#define M2REC_AVX2_OR_NULL(getter) (&getter)
+#else
+#define M2REC_AVX2_OR_NULL(getter) static_cast<decltype(&getter)>(nullptr)
+#endif
+
+// The kernel table of variant ``isa`` from its getters (pass the AVX ones through the macros above),
+// or nullptr when that variant is not in this library or the CPU lacks its instructions.
+template <typename Table>
+const Table* variant_table(int64_t isa, const Table* (*avx512)(), const Table* (*avx2)(),
+                           const Table* (*generic)()) {
+  if (!cpu_has(isa)) return nullptr;
+  const Table* (*get)() = isa == kAvx512 ? avx512 : isa == kAvx2 ? avx2 : isa == kGeneric ? generic : nullptr;
+  return get != nullptr ? get() : nullptr;
 }
 
 }  // namespace m2rec_cpu

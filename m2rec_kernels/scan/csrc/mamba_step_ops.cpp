@@ -29,15 +29,10 @@ using m2rec_state_update::StateUpdateParams;
 constexpr const char* kOp = "m2rec_scan_cpu.mamba_step";
 
 const m2rec_state_update::StateUpdateKernelTable* update_table(int64_t isa) {
-  switch (isa) {
-#ifdef M2REC_HAVE_AVX512
-    case m2rec_cpu::kAvx512: return m2rec_state_update::state_update_kernels_avx512();
-#endif
-#ifdef M2REC_HAVE_AVX2
-    case m2rec_cpu::kAvx2: return m2rec_state_update::state_update_kernels_avx2();
-#endif
-    default: return m2rec_state_update::state_update_kernels_generic();  // isa checked by conv_step_table
-  }
+  const m2rec_state_update::StateUpdateKernelTable* t = m2rec_cpu::variant_table(isa, M2REC_AVX512_OR_NULL(m2rec_state_update::state_update_kernels_avx512), M2REC_AVX2_OR_NULL(m2rec_state_update::state_update_kernels_avx2),
+                                 &m2rec_state_update::state_update_kernels_generic);
+  TORCH_CHECK(t != nullptr, kOp, ": ISA variant ", isa, " is not in this build or not supported by this CPU");
+  return t;
 }
 
 void check_f32(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape) {
@@ -162,19 +157,8 @@ void rows_gemm_parallel(const ConvStepKernelTable* k, const RowsGemmParams& g, i
 }
 
 const ConvStepKernelTable* conv_step_table(int64_t isa, const char* op) {
-  const ConvStepKernelTable* t = nullptr;
-  if (m2rec_cpu::cpu_has(isa)) {
-    switch (isa) {
-#ifdef M2REC_HAVE_AVX512
-      case m2rec_cpu::kAvx512: t = conv_step_kernels_avx512(); break;
-#endif
-#ifdef M2REC_HAVE_AVX2
-      case m2rec_cpu::kAvx2: t = conv_step_kernels_avx2(); break;
-#endif
-      case m2rec_cpu::kGeneric: t = conv_step_kernels_generic(); break;
-      default: break;
-    }
-  }
+  const ConvStepKernelTable* t = m2rec_cpu::variant_table(isa, M2REC_AVX512_OR_NULL(conv_step_kernels_avx512), M2REC_AVX2_OR_NULL(conv_step_kernels_avx2),
+                                 &conv_step_kernels_generic);
   TORCH_CHECK(t != nullptr, op, ": ISA variant ", isa, " is not in this build or not supported by this CPU");
   return t;
 }

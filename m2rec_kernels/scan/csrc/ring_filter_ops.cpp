@@ -16,19 +16,8 @@ namespace m2rec_ring_filter {
 namespace {
 
 const RingFilterKernelTable* table(int64_t isa) {
-  const RingFilterKernelTable* t = nullptr;
-  if (m2rec_cpu::cpu_has(isa)) {
-    switch (isa) {
-#ifdef M2REC_HAVE_AVX512
-      case m2rec_cpu::kAvx512: t = ring_filter_kernels_avx512(); break;
-#endif
-#ifdef M2REC_HAVE_AVX2
-      case m2rec_cpu::kAvx2: t = ring_filter_kernels_avx2(); break;
-#endif
-      case m2rec_cpu::kGeneric: t = ring_filter_kernels_generic(); break;
-      default: break;
-    }
-  }
+  const RingFilterKernelTable* t = m2rec_cpu::variant_table(isa, M2REC_AVX512_OR_NULL(ring_filter_kernels_avx512), M2REC_AVX2_OR_NULL(ring_filter_kernels_avx2),
+                                 &ring_filter_kernels_generic);
   TORCH_CHECK(t != nullptr, "m2rec_scan_cpu.ring_filter_step: ISA variant ", isa,
               " is not in this build or not supported by this CPU");
   return t;

@@ -24,16 +24,8 @@ using m2rec_cpu::kGeneric;
 
 // The variant's kernels, or nullptr when it is not in this library or the CPU lacks the instructions.
 const KernelTable* table_or_null(int64_t isa) {
-  switch (isa) {
-#ifdef M2REC_HAVE_AVX512
-    case kAvx512: return cpu_has(kAvx512) ? kernels_avx512() : nullptr;
-#endif
-#ifdef M2REC_HAVE_AVX2
-    case kAvx2: return cpu_has(kAvx2) ? kernels_avx2() : nullptr;
-#endif
-    case kGeneric: return kernels_generic();
-    default: return nullptr;
-  }
+  return m2rec_cpu::variant_table(isa, M2REC_AVX512_OR_NULL(kernels_avx512), M2REC_AVX2_OR_NULL(kernels_avx2),
+                       &kernels_generic);
 }
 
 const KernelTable* table(int64_t isa) {

@@ -298,24 +298,6 @@ def test_grouped_bc_public_ops_dispatch_to_the_kernel(monkeypatch, use_lengths):
 
 
 @needs_lib
-def test_grouped_bc_thread_count_does_not_change_a_bit():
-    kw = make_scan_inputs(batch=3, dim=60, L=40, N=5, use_lengths=True, B_form=4, C_form=6)
-    grad_out, grad_last = _grads(kw["u"].shape, (3, 60, 5), "both")
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(_run(kw, "cpu", grad_out, grad_last))
-    finally:
-        torch.set_num_threads(before)
-    for out, last, g in results[1:]:
-        assert torch.equal(out, results[0][0]) and torch.equal(last, results[0][1])
-        for name in g:
-            assert torch.equal(g[name], results[0][2][name]), name
-
-
-@needs_lib
 @pytest.mark.parametrize("B_form,C_form", [("inv", "seq"), (2, "inv")], ids=["Binv", "Cinv"])
 def test_time_invariant_bc_runs_the_reference_on_auto_and_is_refused_by_cpu(monkeypatch, B_form, C_form):
     """A time-invariant B or C (dim, N) does not fit the kernels' lanes (channels sharing one B/C value per
@@ -338,11 +320,12 @@ def test_time_invariant_bc_runs_the_reference_on_auto_and_is_refused_by_cpu(monk
 # ---------------------------------------------------------------- determinism, layouts, edge cases
 
 @needs_lib
-def test_thread_count_does_not_change_a_bit():
-    """Every reduction (dA, dD, d(delta_bias) over the batch, dB/dC over channel blocks) is summed in
-    a fixed order: 1, 2 and 3 threads give identical results."""
-    kw = make_scan_inputs(batch=5, dim=80, L=70, N=6, use_lengths=True)
-    grad_out, grad_last = _grads(kw["u"].shape, (5, 80, 6), "both")
+@pytest.mark.parametrize("bc", [dict(), dict(B_form=4, C_form=6)], ids=["per-sequence", "grouped"])
+def test_thread_count_does_not_change_a_bit(bc):
+    """Every reduction (dA, dD, d(delta_bias) over the batch, dB/dC over channel blocks, or over a
+    group's channels) is summed in a fixed order: 1, 2 and 3 threads give identical results."""
+    kw = make_scan_inputs(batch=5, dim=60, L=70, N=6, use_lengths=True, **bc)
+    grad_out, grad_last = _grads(kw["u"].shape, (5, 60, 6), "both")
     before = torch.get_num_threads()
     results = []
     try:

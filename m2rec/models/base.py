@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from m2rec_kernels._checks import check_range, require, tracing
 
+from .packed_scoring import catalogue_product
 from .streaming import StreamState, check_items, eval_mode, select_rows, stream_token, write_rows
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -154,8 +155,9 @@ class SequentialRecommender(nn.Module):
         return self.encode(item_seq.long(), lengths.long())
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied scoring: hidden (..., d) -> (..., n_items + 1) against every item embedding."""
-        return torch.matmul(hidden, self.item_embedding.weight.t())
+        """Tied scoring: hidden (..., d) -> (..., n_items + 1) against every item embedding. Rows of fp32
+        on a CPU without a gradient (inference) use the table pre-packed for oneDNN (``packed_scoring``)."""
+        return catalogue_product(self, hidden, self.item_embedding.weight)
 
     def class_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The loss's classes: hidden (..., d) -> (..., n_items) against items 1..n_items. The padding

@@ -19,14 +19,17 @@ FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("d", [1, 7, 48, 64, 67, 130])
 @pytest.mark.parametrize("phase", ["one", "mixed"])
-def test_against_the_float64_reference(isa, d, phase):
+@pytest.mark.parametrize("batch", [3, 11])  # 11: blocks of 4 (AVX-512) or 2 rows and a row left over
+def test_against_the_float64_reference(isa, d, phase, batch):
     _isa_or_skip(isa)
     g = torch.Generator().manual_seed(d)
-    batch, M = 3, 37
+    M = 37
     history = torch.randn(batch, M, d, generator=g)
     x = torch.randn(batch, d, generator=g)
     kernel = torch.randn(M, d, generator=g)
-    positions = torch.tensor([5, 5, 5]) if phase == "one" else torch.tensor([0, 36, 100])  # 100: wrapped
+    # mixed: every row at its own phase, wrapped (>= M) or not, the newest slot at either end
+    mixed = torch.tensor([0, 36, 100, 7, 73, 2, 111, 36, 1, 19, 58])[:batch]
+    positions = torch.full((batch,), 5) if phase == "one" else mixed
     want_hist = history.double().clone()
     want = ring_filter_step_reference(want_hist, x.double(), kernel.double(), positions)
     got = ring_filter_step(history, x, kernel, positions, backend="cpu", isa=isa)

@@ -2,8 +2,12 @@
 // One pass over a row's history: up to kBlocks vectors of channels are accumulated at once (a whole
 // history row of d = 64 with AVX-512), so each history row is read once from memory and the taps
 // (M x d, shared by the batch) stay in L1/L2. No index tensor of ages and no (batch, M, d) product is
-// formed, which the PyTorch form (gather the taps, multiply, sum) needs. The walk over the slots is
-// split at the newest slot, so the age needs no modulo: ages slot, slot - 1, ..., 0, then M - 1, ...
+// formed, which the PyTorch form (gather the taps, multiply, sum) needs.
+//
+// kRows rows at a time, walking by age: each tap vector is loaded once for kRows rows (each row's slot
+// of that age, (slot - age) mod M, is formed without a modulo). One row at a time the loop made two
+// loads per FMA, the taps' from L2 (51 kB at M 200, d 64, more than L1): at batch 64, M 200, d 64
+// (AVX-512, Zen 4, history in L3) 70 -> 43 us, against 33 us for reading the history alone.
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,27 +22,6 @@ constexpr int W = Vec::W;
 constexpr int kBlocks = 4;  // vectors of channels accumulated together
 
 
-// acc[j] += sum over slots s in [s0, s1) of h[s][j-th vector] * taps[age0 - (s - s0)][j-th vector].
-template <int kNb>
-inline void accumulate(Vec* acc, const float* h, int64_t h_ss, const float* taps, int64_t d, int64_t s0,
-                       int64_t s1, int64_t age0) {
-  for (int64_t s = s0; s < s1; ++s) {
-    const float* hs = h + s * h_ss;
-    const float* ts = taps + (age0 - (s - s0)) * d;
-    for (int j = 0; j < kNb; ++j) acc[j] = fma(Vec::load(hs + j * W), Vec::load(ts + j * W), acc[j]);
-  }
-}
-
-// Channels [c0, c0 + kNb * W), all full vectors.
-template <int kNb>
-inline void full_blocks(const RingFilterParams& p, const float* h, const float* taps, int64_t slot, float* y) {
-  Vec acc[kNb];
-  for (int j = 0; j < kNb; ++j) acc[j] = Vec::zero();
-  accumulate<kNb>(acc, h, p.h_ss, taps, p.d, 0, slot + 1, slot);         // ages slot .. 0
-  accumulate<kNb>(acc, h, p.h_ss, taps, p.d, slot + 1, p.M, p.M - 1);    // ages M - 1 .. slot + 1
-  for (int j = 0; j < kNb; ++j) acc[j].store(y + j * W);
-}
-
 // The last, partial vector of channels (lanes < W).
 inline void partial_block(const RingFilterParams& p, const float* h, const float* taps, int64_t slot, float* y,
                           int lanes) {
@@ -50,22 +33,59 @@ inline void partial_block(const RingFilterParams& p, const float* h, const float
   store_n(acc, y, lanes);
 }
 
-void run(const RingFilterParams& p, int64_t begin, int64_t end) {
-  const int64_t d = p.d;
-  for (int64_t b = begin; b < end; ++b) {
-    float* h = p.history + b * p.h_sb;
-    const int64_t slot = p.positions[b] % p.M;
-    memcpy(h + slot * p.h_ss, p.x + b * p.x_sb, sizeof(float) * d);
-    float* y = p.y + b * d;
-    int64_t c = 0;
-    for (; c + kBlocks * W <= d; c += kBlocks * W) full_blocks<kBlocks>(p, h + c, p.taps + c, slot, y + c);
-    const int64_t full_left = (d - c) / W;
-    if (full_left == 3) full_blocks<3>(p, h + c, p.taps + c, slot, y + c);
-    if (full_left == 2) full_blocks<2>(p, h + c, p.taps + c, slot, y + c);
-    if (full_left == 1) full_blocks<1>(p, h + c, p.taps + c, slot, y + c);
-    c += full_left * W;
-    if (c < d) partial_block(p, h + c, p.taps + c, slot, y + c, static_cast<int>(d - c));
+// kRows rows from row b, channels [c, c + kNb W), all full vectors; the rows' new inputs are written.
+template <int kNb, int kR>
+inline void rows_blocks(const RingFilterParams& p, int64_t b, int64_t c) {
+  Vec acc[kR][kNb];
+  const float* h[kR];
+  int64_t slot[kR];
+  for (int r = 0; r < kR; ++r) {
+    for (int j = 0; j < kNb; ++j) acc[r][j] = Vec::zero();
+    h[r] = p.history + (b + r) * p.h_sb + c;
+    slot[r] = p.positions[b + r] % p.M;
   }
+  for (int64_t age = 0; age < p.M; ++age) {
+    const float* ts = p.taps + age * p.d + c;
+    Vec t[kNb];
+    for (int j = 0; j < kNb; ++j) t[j] = Vec::load(ts + j * W);
+    for (int r = 0; r < kR; ++r) {
+      int64_t s = slot[r] - age;
+      s += s < 0 ? p.M : 0;
+      const float* hs = h[r] + s * p.h_ss;
+      for (int j = 0; j < kNb; ++j) acc[r][j] = fma(Vec::load(hs + j * W), t[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < kR; ++r)
+    for (int j = 0; j < kNb; ++j) acc[r][j].store(p.y + (b + r) * p.d + c + j * W);
+}
+
+// kRows rows from row b, every channel.
+template <int kR>
+inline void rows(const RingFilterParams& p, int64_t b) {
+  const int64_t d = p.d;
+  for (int r = 0; r < kR; ++r)
+    memcpy(p.history + (b + r) * p.h_sb + (p.positions[b + r] % p.M) * p.h_ss, p.x + (b + r) * p.x_sb,
+           sizeof(float) * d);
+  int64_t c = 0;
+  for (; c + kBlocks * W <= d; c += kBlocks * W) rows_blocks<kBlocks, kR>(p, b, c);
+  const int64_t full_left = (d - c) / W;
+  if (full_left == 3) rows_blocks<3, kR>(p, b, c);
+  if (full_left == 2) rows_blocks<2, kR>(p, b, c);
+  if (full_left == 1) rows_blocks<1, kR>(p, b, c);
+  c += full_left * W;
+  if (c < d)
+    for (int r = 0; r < kR; ++r)
+      partial_block(p, p.history + (b + r) * p.h_sb + c, p.taps + c, p.positions[b + r] % p.M,
+                    p.y + (b + r) * d + c, static_cast<int>(d - c));
+}
+
+// rows x kBlocks accumulators and kBlocks tap vectors in registers: 20 of AVX-512's 32, 12 of AVX2's 16
+constexpr int kRows = W >= 16 ? 4 : 2;
+
+void run(const RingFilterParams& p, int64_t begin, int64_t end) {
+  int64_t b = begin;
+  for (; b + kRows <= end; b += kRows) rows<kRows>(p, b);
+  for (; b < end; ++b) rows<1>(p, b);
 }
 
 }  // namespace

@@ -319,6 +319,61 @@ def test_derived_cache_rebuilds_on_in_place_change_and_not_otherwise():
     assert len(calls) == 3
 
 
+def test_module_tensors_reads_what_getattr_reads():
+    """Parameters, a None bias, a buffer, a parametrized weight (a property) and a path through a plain
+    attribute: the same objects as getattr."""
+    from torch.nn.utils import parametrize
+
+    from m2rec.layers.derived import module_tensors, tensor_paths
+
+    class Scale(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    root = torch.nn.Module()
+    root.lin = torch.nn.Linear(3, 2, bias=False)
+    root.seq = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    root.register_buffer("table", torch.randn(4, 2))
+    parametrize.register_parametrization(root.seq[0], "weight", Scale())
+    root.__dict__["plain"] = torch.nn.Linear(1, 1)  # an attribute, not a registered submodule
+    names = ("lin.weight", "lin.bias", "table", "seq.1.bias", "seq.0.bias", "plain.weight")
+    got = module_tensors(root, tensor_paths(*names))
+    for name, t in zip(names, got):
+        obj = root
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        assert t is obj, name
+    weight, = module_tensors(root, tensor_paths("seq.0.weight"))  # the parametrization's value
+    torch.testing.assert_close(weight, 2 * root.seq[0].parametrizations.weight.original)
+
+
+def test_float32_step_follows_replaced_parameters():
+    """The compiled step's cached inputs (fused Mamba weights, FFN transposes, step table) and the
+    parameters it takes as they are: replacing any of them (a new Parameter object) is seen."""
+    from m2rec.layers.derived import forget_derived
+
+    model = perturbed(m2rec(1, backend="auto"), 0.1).eval()
+    seq, lengths = histories([6, 6, 6], seed=3)
+    layer = model.layers[0]
+    with torch.inference_mode():
+        _, state = model.prefill(seq[:, :3], torch.full((3,), 3))
+        model.step(state, seq[:, 3])  # fills the caches
+    g = torch.Generator().manual_seed(5)
+    for owner, name in ((layer.mamba.in_proj, "weight"), (layer.mamba.conv1d, "bias"), (layer.ffn.w_1, "weight"),
+                        (layer.ffn.w_2, "bias"), (layer, "gate_bias"), (model.embedding_norm, "weight")):
+        old = getattr(owner, name)
+        setattr(owner, name, torch.nn.Parameter(old.detach() + 0.3 * torch.randn(old.shape, generator=g)))
+    with torch.inference_mode():
+        _, state = model.prefill(seq[:, :4], torch.full((3,), 4))
+        got, _ = model.step(state, seq[:, 4])
+        for m in model.modules():
+            forget_derived(m)
+        _, fresh = model.prefill(seq[:, :4], torch.full((3,), 4))
+        want, _ = model.step(fresh, seq[:, 4])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_scores_close(got, prefix_scores(model, seq, torch.full((3,), 5)), 2e-5)
+
+
 @pytest.mark.parametrize("make", [lambda: m2rec(2, backend="auto"), lambda: mamba4rec(1, backend="auto")],
                          ids=["m2rec", "mamba4rec"])
 def test_float32_auto_backend_step_equals_scores(make):

@@ -26,7 +26,7 @@ from m2rec_kernels.scan.cpu import _isa_code, cpu_scan_unavailable
 
 from .feed_forward import LAYER_NORM_EPS, FeedForward
 from .frequency_filter import FrequencyFilter
-from .derived import derived
+from .derived import derived, module_tensors, tensor_paths
 from .mamba_mixer import MambaMixer, padded_transpose
 
 
@@ -170,10 +170,18 @@ class M2RecLayer(nn.Module):
             self.filter._check_streamable()
         return self.step_unchecked(h, s, state, positions)
 
-    def _ffn_padded_t(self):
-        """The FFN weights transposed, columns zero-padded as the fused step's matrix kernel reads them
-        (fp32 only; ``None`` pair for other dtypes), cached until they change (``derived``)."""
-        w1, w2 = self.ffn.w_1.weight, self.ffn.w_2.weight
+    #: the parameters ``fusion_ffn_step`` takes, in its order (``module_tensors`` reads them)
+    _FUSION_TENSORS = tensor_paths("gate_weight", "gate_bias", "fusion_norm.weight", "fusion_norm.bias",
+                                   "ffn.w_1.weight", "ffn.w_1.bias", "ffn.w_2.weight", "ffn.w_2.bias",
+                                   "ffn.layer_norm.weight", "ffn.layer_norm.bias")
+    _FFN_WEIGHTS = tensor_paths("ffn.w_1.weight", "ffn.w_2.weight")
+
+    def _ffn_padded_t(self, w1=None, w2=None):
+        """The FFN weights (``ffn.w_1.weight``, ``ffn.w_2.weight`` unless given) transposed, columns
+        zero-padded as the fused step's matrix kernel reads them (fp32 only; ``None`` pair for other
+        dtypes), cached until they change (``derived``)."""
+        if w1 is None:
+            w1, w2 = module_tensors(self, self._FFN_WEIGHTS)
         if w1.dtype != torch.float32 or w2.dtype != torch.float32:
             return None, None
         return derived(self, "ffn_padded_t", (w1, w2), lambda: (padded_transpose(w1), padded_transpose(w2)))
@@ -191,13 +199,14 @@ class M2RecLayer(nn.Module):
             branches.append(s.to(h.dtype))
         if len(branches) == 1 or h.dtype not in (torch.float32, torch.float64) or h.device.type != "cpu":
             return self._fuse([b[:, None, :] for b in branches], h[:, None, :])[0][:, 0]
-        norm, ffn = self.fusion_norm, self.ffn
         if _compiled_fusion_step():  # the same math as below in one compiled call (csrc/fusion_step_ops.cpp)
-            w1_t, w2_t = self._ffn_padded_t() if h.dtype == torch.float32 else (None, None)
+            gw, gb, nw, nb, w1, b1, w2, b2, lw, lb = module_tensors(self, self._FUSION_TENSORS)
+            w1_t, w2_t = self._ffn_padded_t(w1, w2) if h.dtype == torch.float32 else (None, None)
+            ffn = self._modules["ffn"]  # (the two eps: plain attributes of the LayerNorms)
             return torch.ops.m2rec_scan_cpu.fusion_ffn_step(
-                branches, h, self.gate_weight, self.gate_bias, norm.weight, norm.bias, norm.eps, ffn.w_1.weight,
-                ffn.w_1.bias, ffn.w_2.weight, ffn.w_2.bias, ffn.layer_norm.weight, ffn.layer_norm.bias,
-                ffn.layer_norm.eps, w1_t, w2_t, _isa_code(None))
+                branches, h, gw, gb, nw, nb, self._modules["fusion_norm"].eps, w1, b1, w2, b2, lw, lb,
+                ffn._modules["layer_norm"].eps, w1_t, w2_t, _isa_code(None))
+        norm, ffn = self.fusion_norm, self.ffn
         # gated_fusion's reference at one position (DESIGN §2.3): alpha = softmax(cat · W^T + b),
         # LayerNorm(h + sum_i alpha_i · branch_i); then the FFN (eval: no dropout) inline
         stacked = torch.stack(branches, dim=1)  # (batch, k, d)

@@ -43,7 +43,7 @@ from m2rec_kernels._checks import check_lengths, check_tensor
 from m2rec_kernels.scan import selective_scan_lowrank
 from m2rec_kernels.scan.cpu import _isa_code, cpu_scan_unavailable
 
-from .derived import derived
+from .derived import derived, module_tensors, tensor_paths
 
 DT_INITS = ("random", "constant")
 #: positions (rows x L) per batch slice of the last-position path on CPU (``MambaMixer._run_last``): at
@@ -350,12 +350,18 @@ class MambaMixer(nn.Module):
             return self._scan_params()[0], self.conv1d.weight[:, 0, :].t().contiguous()
         return derived(self, "step", (self.A_log, self.conv1d.weight), build)
 
-    def _fused_step_params(self):
+    #: the tensors the fused step op's inputs come from: the 8 that ``_fused_step_params`` derives
+    #: its inputs from, then the 3 biases the op takes as they are (None where a layer has none)
+    _FUSED_TENSORS = tensor_paths("A_log", "conv1d.weight", "D", "dt_proj.bias", "in_proj.weight", "x_proj.weight",
+                                  "dt_proj.weight", "out_proj.weight", "in_proj.bias", "conv1d.bias", "out_proj.bias")
+
+    def _fused_step_params(self, tensors=None):
         """The fused step op's parameters, fp32 and contiguous, cached until they change (``derived``):
         A, the conv taps (d_inner, d_conv), D, the dt bias, and in_proj's, x_proj's, dt_proj's and
         out_proj's weights transposed (in, out) with the out columns zero-padded to a multiple of 16 (whole
         vectors for every ISA variant of the op's matrix kernel). None when a weight or bias is not fp32
-        (the op takes fp32 only; the step then runs op by op)."""
+        (the op takes fp32 only; the step then runs op by op). ``tensors``: ``_FUSED_TENSORS`` as
+        ``module_tensors`` gives them (looked up here when not given)."""
         def build():
             linears = (self.in_proj, self.x_proj, self.dt_proj, self.out_proj, self.conv1d)
             if any(t is not None and t.dtype != torch.float32 for m in linears for t in (m.weight, m.bias)):
@@ -364,9 +370,10 @@ class MambaMixer(nn.Module):
                     self.D.float().contiguous(), self.dt_proj.bias.contiguous(),
                     padded_transpose(self.in_proj.weight), padded_transpose(self.x_proj.weight),
                     padded_transpose(self.dt_proj.weight), padded_transpose(self.out_proj.weight))
-        sources = (self.A_log, self.conv1d.weight, self.D, self.dt_proj.bias, self.in_proj.weight,
-                   self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight)
-        return derived(self, "fused_step", sources, build)
+        if tensors is None:
+            tensors = module_tensors(self, self._FUSED_TENSORS)
+        # (the biases are sources too: build's fp32 decision covers them)
+        return derived(self, "fused_step", [t for t in tensors if t is not None], build)
 
     def _fused_step(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> bool:
         """Whether ``step_unchecked`` may run as one compiled op (``m2rec_scan_cpu.mamba_step``) as far as
@@ -387,12 +394,16 @@ class MambaMixer(nn.Module):
     def step_unchecked(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """``step`` on checked arguments, hidden (batch, d_model) -> (batch, d_model): the streaming
         path, whose states were checked when they were made."""
-        fused = self._fused_step_params() if self._fused_step(hidden, conv_state, ssm_state) else None
+        fused = None
+        if self._fused_step(hidden, conv_state, ssm_state):
+            tensors = module_tensors(self, self._FUSED_TENSORS)
+            fused = self._fused_step_params(tensors)
         if fused is not None:
             A, taps, D, dt_bias, in_t, x_t, dt_t, out_t = fused
+            in_bias, conv_bias, out_bias = tensors[8:]
             return torch.ops.m2rec_scan_cpu.mamba_step(
-                hidden, conv_state, ssm_state, in_t, self.in_proj.bias, taps, self.conv1d.bias, x_t, dt_t, A, D,
-                dt_bias, out_t, self.out_proj.bias, self.d_model, _isa_code(None))
+                hidden, conv_state, ssm_state, in_t, in_bias, taps, conv_bias, x_t, dt_t, A, D, dt_bias, out_t,
+                out_bias, self.d_model, _isa_code(None))
         dtype = hidden.dtype
         x, z = F.linear(hidden, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (batch, d_inner)
         A, taps = self._step_params()

@@ -178,7 +178,7 @@ class SequentialRecommender(nn.Module):
 
     def _catalogue_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.item_logits(hidden)
-        logits[:, 0] = float("-inf")
+        logits.select(1, 0).fill_(float("-inf"))  # (indexing assignment: 1.2 us more a call)
         return logits
 
     def scores(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import FILTER_MODES, LAYER_NORM_EPS, M2RecLayer
-from ..layers.derived import derived
+from ..layers.derived import derived, module_tensors, tensor_paths
 from .base import SequentialRecommender, check_dropout, init_recbole_weights, normed_item_embedding
+
+#: what ``M2Rec._step_table`` is computed from, without and with the semantic stream
+_STEP_TABLE_SOURCES = tensor_paths("item_embedding.weight", "embedding_norm.weight", "embedding_norm.bias")
+_STEP_TABLE_SEMANTIC_SOURCES = _STEP_TABLE_SOURCES + tensor_paths(
+    "text_embeddings", "semantic_proj.weight", "semantic_proj.bias", "semantic_norm.weight", "semantic_norm.bias")
 
 
 class M2Rec(SequentialRecommender):
@@ -155,17 +160,14 @@ class M2Rec(SequentialRecommender):
         (n_items + 1, 2d) [h0 | s] with s = LayerNorm(W_s · T + b) the semantic stream: a step then
         gathers its users' rows (eval mode: no dropout) instead of normalising and projecting them.
         Cached until a parameter it comes from changes (``derived``)."""
-        sources = [self.item_embedding.weight, self.embedding_norm.weight, self.embedding_norm.bias]
-        if self.use_semantic:
-            sources += [self.text_embeddings, self.semantic_proj.weight, self.semantic_proj.bias,
-                        self.semantic_norm.weight, self.semantic_norm.bias]
+        sources = module_tensors(self, _STEP_TABLE_SEMANTIC_SOURCES if self.use_semantic else _STEP_TABLE_SOURCES)
 
         def build():
             h0 = self.embedding_norm(self.item_embedding.weight)
             if not self.use_semantic:
                 return h0
             return torch.cat([h0, self.semantic_norm(self.semantic_proj(self.text_embeddings)).to(h0.dtype)], dim=1)
-        return derived(self, "step_table", sources, build)
+        return derived(self, "step_table", [t for t in sources if t is not None], build)
 
     def _step_stream(self, layers, items, positions):
         rows = self._step_table().index_select(0, items)

@@ -77,14 +77,17 @@ def eval_mode(module: nn.Module):
     """Run with every submodule in eval mode (dropout off), then restore each one's own mode. Only
     the modules in training mode are switched, through their ``__dict__`` (what ``Module.__setattr__``
     ends up doing for ``training``), after a plain walk of ``_modules``: ``module.eval()`` or a
-    ``module.modules()`` walk with ``setattr`` cost ~0.2 ms per call at M2Rec's size, 15% of a step."""
-    switched, stack = [], [module]
-    while stack:
-        m = stack.pop()
+    ``module.modules()`` walk with ``setattr`` cost ~0.2 ms per call at M2Rec's size, 15% of a step. The
+    walk is one pass over a list that grows as it goes (a stack with a filtering generator cost twice
+    as much: 8.5 against 4.2 us for M2Rec's 21 modules)."""
+    switched, walk = [], [module]
+    for m in walk:
+        if m is None:  # (an empty slot of _modules)
+            continue
         if m.training:
             switched.append(m)
             m.__dict__["training"] = False
-        stack.extend(c for c in m._modules.values() if c is not None)
+        walk += m._modules.values()
     try:
         yield
     finally:
@@ -95,7 +98,9 @@ def eval_mode(module: nn.Module):
 def check_items(name: str, items, state: StreamState, n_items: int) -> Tuple[torch.Tensor, int, int]:
     """Check ``items`` (batch,) integer ids in [0, n_items] on the state's device (0 = no new item);
     return (items as int64, how many users take an item, how many users have no history and take none
-    — they are scored NaN). The value checks and the counts come back in one read of the data."""
+    — they are scored NaN). One read of the data (``aminmax``) checks the range; only when some user
+    takes no item (min 0) a second one counts the idle users (5 small ops: 15 -> 4 us a step when
+    every user takes an item, the usual case)."""
     if not isinstance(items, torch.Tensor):
         raise TypeError(f"{name}.step: items must be a torch.Tensor, got {type(items).__name__}")
     if items.dtype.is_floating_point or items.is_complex() or items.dtype == torch.bool:
@@ -105,10 +110,12 @@ def check_items(name: str, items, state: StreamState, n_items: int) -> Tuple[tor
                          f"got {tuple(items.shape)}")
     if items.device != state.device:
         raise ValueError(f"{name}.step: items is on {items.device} but the state is on {state.device}")
-    idle = items == 0
-    lo, hi, n_idle, n_idle_empty = torch.stack([items.min().long(), items.max().long(), idle.sum(),
-                                                (idle & (state.seen == 0)).sum()]).tolist()
+    lo, hi = torch.stack(torch.aminmax(items)).tolist()
     if lo < 0 or hi > n_items:
         raise ValueError(f"{name}.step: items holds ids in [{lo}, {hi}], expected ids in [0, n_items={n_items}] "
                          "(0 = no new item for that user)")
+    if lo > 0:
+        return items.long(), state.batch_size, 0
+    idle = items == 0
+    n_idle, n_idle_empty = torch.stack([idle.sum(), (idle & (state.seen == 0)).sum()]).tolist()
     return items.long(), state.batch_size - n_idle, n_idle_empty

@@ -182,6 +182,14 @@ def test_fusion_ffn_step_compiled_ffn_matches_fp64(isa):
     as64 = [p.double() if isinstance(p, torch.Tensor) else p for p in params]
     ref = torch.ops.m2rec_scan_cpu.fusion_ffn_step([b.double() for b in branches], h.double(), *as64, None, None, 0)
     assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)  # after LayerNorm: values O(1), fp32 erf to 1.5e-7
+    # rows read in place at any row stride (the step's h and semantic stream are halves of one table
+    # row), copied when their elements are not adjacent: the same result
+    wide = torch.cat([h, branches[2]], dim=1)
+    cols = torch.stack(branches[:2], dim=2).contiguous()  # (batch, d, 2): elements 2 apart
+    strided = torch.ops.m2rec_scan_cpu.fusion_ffn_step(
+        [cols[:, :, 0], cols[:, :, 1], wide[:, d:]], wide[:, :d], *params, padded_transpose(w1),
+        padded_transpose(w2), scan_cpu.ISA_CODES[isa])
+    assert torch.equal(strided, out)
     with pytest.raises(RuntimeError, match="w1_t must be"):
         torch.ops.m2rec_scan_cpu.fusion_ffn_step(branches, h, *params, w1, padded_transpose(w2),  # not transposed
                                                  scan_cpu.ISA_CODES[isa])

@@ -87,12 +87,18 @@ at::Tensor fusion_ffn_step_op(at::TensorList branches, const at::Tensor& h, cons
   // The gate and the first LayerNorm row by row in plain loops (a dozen ATen calls on (64, 64) rows
   // cost more than this arithmetic): alpha = softmax(gate_weight · cat(branches) + gate_bias),
   // LayerNorm(h + sum_i alpha_i branch_i).
-  const at::Tensor hc = h.contiguous();
+  // Rows are read in place when their elements are adjacent (any row stride: the step's h and semantic
+  // stream are column halves of one gathered table row); a copy otherwise.
+  auto rows_of = [](const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); };
+  const at::Tensor hc = rows_of(h);
+  const int64_t h_sr = hc.stride(0);
   std::vector<at::Tensor> bc;
   std::vector<const float*> bp;
+  std::vector<int64_t> b_sr;
   for (const at::Tensor& b : branches) {
-    bc.push_back(b.contiguous());
+    bc.push_back(rows_of(b));
     bp.push_back(bc.back().data_ptr<float>());
+    b_sr.push_back(bc.back().stride(0));
   }
   const int64_t rows = h.size(0);
   at::Tensor fused = at::empty({rows, d}, hc.options());
@@ -104,7 +110,7 @@ at::Tensor fusion_ffn_step_op(at::TensorList branches, const at::Tensor& h, cons
       float top = -INFINITY;
       for (int64_t i = 0; i < k; ++i) {
         float z = gb[i];
-        for (int64_t j = 0; j < k; ++j) z += dot(gw + i * k * d + j * d, bp[j] + r * d, d);
+        for (int64_t j = 0; j < k; ++j) z += dot(gw + i * k * d + j * d, bp[j] + r * b_sr[j], d);
         alpha[i] = z;
         top = z > top ? z : top;
       }
@@ -112,10 +118,10 @@ at::Tensor fusion_ffn_step_op(at::TensorList branches, const at::Tensor& h, cons
       for (int64_t i = 0; i < k; ++i) total += (alpha[i] = std::exp(alpha[i] - top));
       for (int64_t i = 0; i < k; ++i) alpha[i] /= total;
       float* out = fused.data_ptr<float>() + r * d;
-      const float* hr = hc.data_ptr<float>() + r * d;
+      const float* hr = hc.data_ptr<float>() + r * h_sr;
       for (int64_t c = 0; c < d; ++c) out[c] = hr[c];
       for (int64_t i = 0; i < k; ++i) {
-        const float* x = bp[i] + r * d;
+        const float* x = bp[i] + r * b_sr[i];
         for (int64_t c = 0; c < d; ++c) out[c] += alpha[i] * x[c];
       }
       layer_norm_row(out, d, norm_weight.data_ptr<float>(), norm_bias.data_ptr<float>(), norm_eps);

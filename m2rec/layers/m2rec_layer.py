@@ -196,8 +196,8 @@ class M2RecLayer(nn.Module):
         if self.filter is not None:
             branches.append(self.filter.step_unchecked(h, state["filter"], positions))
         if self.semantic:
-            branches.append(s.to(h.dtype))
-        if len(branches) == 1 or h.dtype not in (torch.float32, torch.float64) or h.device.type != "cpu":
+            branches.append(s if s.dtype == h.dtype else s.to(h.dtype))
+        if len(branches) == 1 or h.dtype not in (torch.float32, torch.float64) or not h.is_cpu:
             return self._fuse([b[:, None, :] for b in branches], h[:, None, :])[0][:, 0]
         if _compiled_fusion_step():  # the same math as below in one compiled call (csrc/fusion_step_ops.cpp)
             gw, gb, nw, nb, w1, b1, w2, b2, lw, lb = module_tensors(self, self._FUSION_TENSORS)

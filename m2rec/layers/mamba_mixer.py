@@ -379,7 +379,7 @@ class MambaMixer(nn.Module):
         """Whether ``step_unchecked`` may run as one compiled op (``m2rec_scan_cpu.mamba_step``) as far as
         this call's tensors go: CPU, fp32, states with unit stride along their last axis, no gradient,
         the compiled library loaded (the weights' dtypes are checked once, by ``_fused_step_params``)."""
-        return (self.backend in ("auto", "cpu") and hidden.device.type == "cpu" and not torch.is_grad_enabled()
+        return (self.backend in ("auto", "cpu") and hidden.is_cpu and not torch.is_grad_enabled()
                 and hidden.dtype == torch.float32 and conv_state.dtype == torch.float32
                 and ssm_state.dtype == torch.float32 and conv_state.stride(-1) == 1 and ssm_state.stride(-1) == 1
                 and hidden.stride(-1) == 1 and cpu_scan_unavailable() is None)

@@ -114,8 +114,10 @@ def check_items(name: str, items, state: StreamState, n_items: int) -> Tuple[tor
     if lo < 0 or hi > n_items:
         raise ValueError(f"{name}.step: items holds ids in [{lo}, {hi}], expected ids in [0, n_items={n_items}] "
                          "(0 = no new item for that user)")
+    if items.dtype != torch.int64:
+        items = items.long()
     if lo > 0:
-        return items.long(), state.batch_size, 0
+        return items, state.batch_size, 0
     idle = items == 0
     n_idle, n_idle_empty = torch.stack([idle.sum(), (idle & (state.seen == 0)).sum()]).tolist()
-    return items.long(), state.batch_size - n_idle, n_idle_empty
+    return items, state.batch_size - n_idle, n_idle_empty

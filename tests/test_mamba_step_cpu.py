@@ -162,13 +162,14 @@ def test_fusion_ffn_step_bad_branch_names_problem():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_fusion_ffn_step_compiled_ffn_matches_fp64(isa):
-    """The fp32 form with the FFN's products and GELU on the step kernels (w1_t, w2_t) against the ATen
-    form in float64 on the same weights; odd widths (d 24, inner 40: padded columns) and large inputs
-    (GELU's tails)."""
+@pytest.mark.parametrize("k", [3, 1, 6])  # branches: the gate's logits in groups of up to 4, then the rest
+def test_fusion_ffn_step_compiled_ffn_matches_fp64(isa, k):
+    """The fp32 form with the gate, LayerNorms, the FFN's products and GELU on the step kernels (w1_t,
+    w2_t) against the ATen form in float64 on the same weights; odd widths (d 24: a partial vector;
+    inner 40: padded columns) and large inputs (GELU's tails)."""
     _isa_or_skip(isa)
     gen = torch.Generator().manual_seed(3)
-    batch, d, inner, k = 5, 24, 40, 3
+    batch, d, inner = 5, 24, 40
     h = 3 * torch.randn(batch, d, generator=gen)
     branches = [3 * torch.randn(batch, d, generator=gen) for _ in range(k)]
     params = [0.3 * torch.randn(k, k * d, generator=gen), torch.randn(k, generator=gen),
@@ -184,10 +185,10 @@ def test_fusion_ffn_step_compiled_ffn_matches_fp64(isa):
     assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)  # after LayerNorm: values O(1), fp32 erf to 1.5e-7
     # rows read in place at any row stride (the step's h and semantic stream are halves of one table
     # row), copied when their elements are not adjacent: the same result
-    wide = torch.cat([h, branches[2]], dim=1)
-    cols = torch.stack(branches[:2], dim=2).contiguous()  # (batch, d, 2): elements 2 apart
+    wide = torch.cat([h, branches[-1]], dim=1)
+    cols = torch.stack(branches[:-1] + [h], dim=2).contiguous()  # (batch, d, k): elements k apart
     strided = torch.ops.m2rec_scan_cpu.fusion_ffn_step(
-        [cols[:, :, 0], cols[:, :, 1], wide[:, d:]], wide[:, :d], *params, padded_transpose(w1),
+        [cols[:, :, i] for i in range(k - 1)] + [wide[:, d:]], wide[:, :d], *params, padded_transpose(w1),
         padded_transpose(w2), scan_cpu.ISA_CODES[isa])
     assert torch.equal(strided, out)
     with pytest.raises(RuntimeError, match="w1_t must be"):

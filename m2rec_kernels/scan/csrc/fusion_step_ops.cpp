@@ -5,12 +5,11 @@
 // (m2rec/layers/m2rec_layer.py, M2RecLayer.step_unchecked), without a Python call per op: at batch 64,
 // d 64 their dispatch cost more than their arithmetic (DESIGN §10, "Streaming"). Any floating dtype;
 // Python calls it for fp32 and fp64 CPU rows. With w1_t and w2_t (fp32: the FFN weights' transposes,
-// columns zero-padded to whole vectors) the FFN's products and GELU run on the step kernels of
-// mamba_step_isa.cpp instead of ATen's.
+// columns zero-padded to whole vectors) the gate, the LayerNorms, the FFN's products and GELU run on the
+// step kernels of mamba_step_isa.cpp instead of ATen's.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -20,36 +19,6 @@ namespace m2rec_fusion_step {
 namespace {
 
 constexpr const char* kOp = "m2rec_scan_cpu.fusion_ffn_step";
-
-// sum_c a[c] b[c] with 8 partial sums (a fixed order the compiler vectorises; one running sum is a
-// chain of dependent adds, 4x slower at d 64).
-float dot(const float* a, const float* b, int64_t n) {
-  float part[8] = {};
-  int64_t c = 0;
-  for (; c + 8 <= n; c += 8)
-    for (int l = 0; l < 8; ++l) part[l] += a[c + l] * b[c + l];
-  for (; c < n; ++c) part[0] += a[c] * b[c];
-  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-}
-
-// v = (v - mean) / sqrt(var + eps) * weight + bias over one row of n (biased variance, as LayerNorm),
-// mean and variance in two passes, each with partial sums (as dot).
-void layer_norm_row(float* v, int64_t n, const float* weight, const float* bias, double eps) {
-  float part[8] = {};
-  int64_t c = 0;
-  for (; c + 8 <= n; c += 8)
-    for (int l = 0; l < 8; ++l) part[l] += v[c + l];
-  for (; c < n; ++c) part[0] += v[c];
-  const float mean = (((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]))) /
-                     static_cast<float>(n);
-  float sq[8] = {};
-  for (c = 0; c + 8 <= n; c += 8)
-    for (int l = 0; l < 8; ++l) sq[l] += (v[c + l] - mean) * (v[c + l] - mean);
-  for (; c < n; ++c) sq[0] += (v[c] - mean) * (v[c] - mean);
-  const float var = (((sq[0] + sq[4]) + (sq[1] + sq[5])) + ((sq[2] + sq[6]) + (sq[3] + sq[7]))) / static_cast<float>(n);
-  const float inv = 1.0f / std::sqrt(var + static_cast<float>(eps));
-  for (c = 0; c < n; ++c) v[c] = (v[c] - mean) * inv * weight[c] + bias[c];
-}
 
 at::Tensor fusion_ffn_step_op(at::TensorList branches, const at::Tensor& h, const at::Tensor& gate_weight,
                               const at::Tensor& gate_bias, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
@@ -84,14 +53,13 @@ at::Tensor fusion_ffn_step_op(at::TensorList branches, const at::Tensor& h, cons
   TORCH_CHECK(gate_bias.numel() == k && norm_weight.numel() == d && norm_bias.numel() == d &&
                   ffn_norm_weight.numel() == d && ffn_norm_bias.numel() == d,
               kOp, ": gate_bias must hold ", k, " values and the LayerNorm parameters ", d);
-  // The gate and the first LayerNorm row by row in plain loops (a dozen ATen calls on (64, 64) rows
-  // cost more than this arithmetic): alpha = softmax(gate_weight · cat(branches) + gate_bias),
-  // LayerNorm(h + sum_i alpha_i branch_i).
+  // The gate and the first LayerNorm by the step kernels' row loops (mamba_step_isa.cpp, gate_norm: a
+  // dozen ATen calls on (64, 64) rows cost more than this arithmetic): alpha = softmax(gate_weight ·
+  // cat(branches) + gate_bias), LayerNorm(h + sum_i alpha_i branch_i).
   // Rows are read in place when their elements are adjacent (any row stride: the step's h and semantic
   // stream are column halves of one gathered table row); a copy otherwise.
   auto rows_of = [](const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); };
   const at::Tensor hc = rows_of(h);
-  const int64_t h_sr = hc.stride(0);
   std::vector<at::Tensor> bc;
   std::vector<const float*> bp;
   std::vector<int64_t> b_sr;
@@ -100,36 +68,20 @@ at::Tensor fusion_ffn_step_op(at::TensorList branches, const at::Tensor& h, cons
     bp.push_back(bc.back().data_ptr<float>());
     b_sr.push_back(bc.back().stride(0));
   }
+  const m2rec_mamba_step::ConvStepKernelTable* kt = m2rec_mamba_step::conv_step_table(isa, kOp);
   const int64_t rows = h.size(0);
   at::Tensor fused = at::empty({rows, d}, hc.options());
-  {
-    const float* gw = gate_weight.data_ptr<float>();
-    const float* gb = gate_bias.data_ptr<float>();
-    std::vector<float> alpha(k);
-    for (int64_t r = 0; r < rows; ++r) {
-      float top = -INFINITY;
-      for (int64_t i = 0; i < k; ++i) {
-        float z = gb[i];
-        for (int64_t j = 0; j < k; ++j) z += dot(gw + i * k * d + j * d, bp[j] + r * b_sr[j], d);
-        alpha[i] = z;
-        top = z > top ? z : top;
-      }
-      float total = 0.0f;
-      for (int64_t i = 0; i < k; ++i) total += (alpha[i] = std::exp(alpha[i] - top));
-      for (int64_t i = 0; i < k; ++i) alpha[i] /= total;
-      float* out = fused.data_ptr<float>() + r * d;
-      const float* hr = hc.data_ptr<float>() + r * h_sr;
-      for (int64_t c = 0; c < d; ++c) out[c] = hr[c];
-      for (int64_t i = 0; i < k; ++i) {
-        const float* x = bp[i] + r * b_sr[i];
-        for (int64_t c = 0; c < d; ++c) out[c] += alpha[i] * x[c];
-      }
-      layer_norm_row(out, d, norm_weight.data_ptr<float>(), norm_bias.data_ptr<float>(), norm_eps);
-    }
-  }
+  m2rec_mamba_step::GateNormParams gp{};
+  gp.k = k; gp.d = d;
+  gp.branches = bp.data(); gp.branch_sr = b_sr.data();
+  gp.h = hc.data_ptr<float>(); gp.h_sr = hc.stride(0);
+  gp.gate_weight = gate_weight.data_ptr<float>(); gp.gate_bias = gate_bias.data_ptr<float>();
+  gp.norm_weight = norm_weight.data_ptr<float>(); gp.norm_bias = norm_bias.data_ptr<float>();
+  gp.eps = static_cast<float>(norm_eps);
+  gp.out = fused.data_ptr<float>();
+  if (rows > 0 && d > 0) kt->gate_norm(gp, 0, rows);
   // fp32 with the weights' padded transposes: the two products and the GELU by the step kernels
   // (mamba_step_isa.cpp; at batch 64 torch's BLAS and GELU cost 2x these)
-  const m2rec_mamba_step::ConvStepKernelTable* kt = m2rec_mamba_step::conv_step_table(isa, kOp);
   const int64_t batch = rows, inner_n = w1.size(0);
   auto check_t = [&](const char* name, const at::Tensor& t, const at::Tensor& b, int64_t K, int64_t n) {
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.is_contiguous() && t.size(0) == K &&
@@ -152,12 +104,9 @@ at::Tensor fusion_ffn_step_op(at::TensorList branches, const at::Tensor& h, cons
   g.K = inner_n; g.n = d; g.n_pad = w2_t->size(1); g.in = inner.data_ptr<float>(); g.in_sb = inner_n;
   g.wt = w2_t->data_ptr<float>(); g.bias = b2.data_ptr<float>(); g.out = out.data_ptr<float>(); g.out_sb = d;
   m2rec_mamba_step::rows_gemm_parallel(kt, g, batch);
-  float* o = out.data_ptr<float>();
-  const float* fp = f.data_ptr<float>();
-  for (int64_t r = 0; r < batch; ++r) {
-    for (int64_t c = 0; c < d; ++c) o[r * d + c] += fp[r * d + c];
-    layer_norm_row(o + r * d, d, ffn_norm_weight.data_ptr<float>(), ffn_norm_bias.data_ptr<float>(), ffn_norm_eps);
-  }
+  if (d > 0)
+    kt->residual_norm(out.data_ptr<float>(), f.data_ptr<float>(), batch, d, ffn_norm_weight.data_ptr<float>(),
+                      ffn_norm_bias.data_ptr<float>(), static_cast<float>(ffn_norm_eps));
   return out;
 }
 

@@ -31,12 +31,28 @@ struct RowsGemmParams {
   float* out; int64_t out_sb;      // out[b][j] at out + b * out_sb + j
 };
 
+// The gate and the first LayerNorm of the M2Rec layer's step (fusion_step_ops.cpp), per row r:
+//   alpha = softmax(gate_weight · cat_i(branch_i[r]) + gate_bias),  out[r] = LayerNorm(h[r] + sum_i alpha_i branch_i[r])
+struct GateNormParams {
+  int64_t k, d;
+  const float* const* branches; const int64_t* branch_sr;  // branch i's row r at branches[i] + r * branch_sr[i]
+  const float* h; int64_t h_sr;
+  const float* gate_weight;  // (k, k d) contiguous
+  const float* gate_bias;    // (k,)
+  const float* norm_weight; const float* norm_bias; float eps;
+  float* out;                // (rows, d) contiguous
+};
+
 struct ConvStepKernelTable {
   const char* name;
   int width;
   void (*run)(const ConvStepParams& p, int64_t row_begin, int64_t row_end);  // batch rows [begin, end)
   void (*gemm)(const RowsGemmParams& p, int64_t row_begin, int64_t row_end);
   void (*gelu)(float* v, int64_t n);  // v = v Phi(v) in place (exact GELU, erf to ~1.5e-7; the FFN's)
+  void (*gate_norm)(const GateNormParams& p, int64_t row_begin, int64_t row_end);
+  // out[r] = LayerNorm(out[r] + res[r]) for rows [0, rows) of d contiguous values (the FFN's residual)
+  void (*residual_norm)(float* out, const float* res, int64_t rows, int64_t d, const float* weight,
+                        const float* bias, float eps);
 };
 
 const ConvStepKernelTable* conv_step_kernels_avx512();

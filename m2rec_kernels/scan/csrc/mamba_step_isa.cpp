@@ -11,12 +11,17 @@
 // one broadcast of an input element and two vector FMAs per k, the weight read transposed (K, n_pad).
 #include <string.h>
 
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 #include "mamba_step_api.h"
 #include "simd.h"
 
 namespace {
 
 using m2rec_mamba_step::ConvStepParams;
+using m2rec_mamba_step::GateNormParams;
 
 constexpr int W = Vec::W;
 
@@ -96,6 +101,10 @@ void rows_gemm(const m2rec_mamba_step::RowsGemmParams& p, int64_t begin, int64_t
   for (; b < end; ++b) gemm_rows<1>(p, b);
 }
 
+// The M2Rec layer step's gate and LayerNorms (gate_norm, residual_norm; fusion_step_ops.cpp): per row,
+// the k gate logits accumulated together in vectors (each branch vector loaded once), softmax, the
+// mix, and LayerNorm in vector passes — the same row loops in the ops file (no ISA flags) cost ~3x.
+
 // GELU, erf form (torch's default): x Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2, with erfc(u) for u >= 0 by
 // Abramowitz & Stegun 7.1.26 (t = 1 / (1 + 0.3275911 u), a degree-5 polynomial in t times e^-u^2,
 // absolute error < 1.5e-7) and erfc(-u) = 2 - erfc(u): the tail for negative x is formed directly,
@@ -118,6 +127,99 @@ void gelu(float* v, int64_t n) {
   int64_t i = 0;
   for (; i + W <= n; i += W) gelu_vec(Vec::load(v + i)).store(v + i);
   if (i < n) store_n(gelu_vec(load_n(v + i, static_cast<int>(n - i))), v + i, static_cast<int>(n - i));
+}
+
+// LayerNorm of one row of d values in place: mean, then the biased variance of (v - mean), in vectors
+// with the tail lanes summed after them (torch's two-pass form).
+inline void norm_row(float* v, int64_t d, const float* weight, const float* bias, float eps) {
+  int64_t c = 0;
+  Vec s = Vec::zero();
+  for (; c + W <= d; c += W) s = s + Vec::load(v + c);
+  float sum = sum_lanes(s);
+  for (; c < d; ++c) sum += v[c];
+  const float mean = sum / static_cast<float>(d);
+  const Vec mv = Vec::bcast(mean);
+  Vec q = Vec::zero();
+  for (c = 0; c + W <= d; c += W) {
+    const Vec x = Vec::load(v + c) - mv;
+    q = fma(x, x, q);
+  }
+  float sq = sum_lanes(q);
+  for (; c < d; ++c) sq += (v[c] - mean) * (v[c] - mean);
+  const float inv = 1.0f / std::sqrt(sq / static_cast<float>(d) + eps);
+  const Vec iv = Vec::bcast(inv);
+  for (c = 0; c + W <= d; c += W)
+    fma((Vec::load(v + c) - mv) * iv, Vec::load(weight + c), Vec::load(bias + c)).store(v + c);
+  for (; c < d; ++c) v[c] = (v[c] - mean) * inv * weight[c] + bias[c];
+}
+
+// Gate logits z[i0 .. i0 + kN) of row r: gate_bias[i] + sum_j gate_weight[i][j d ..] · branch_j[r], the
+// kN logits accumulated together so that each branch vector is loaded once.
+template <int kN>
+inline void gate_logits(const GateNormParams& p, int64_t r, int64_t i0, float* z) {
+  const int64_t k = p.k, d = p.d;
+  Vec acc[kN];
+  float tail[kN];
+  for (int i = 0; i < kN; ++i) {
+    acc[i] = Vec::zero();
+    tail[i] = p.gate_bias[i0 + i];
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    const float* b = p.branches[j] + r * p.branch_sr[j];
+    const float* w = p.gate_weight + i0 * k * d + j * d;
+    int64_t c = 0;
+    for (; c + W <= d; c += W) {
+      const Vec bv = Vec::load(b + c);
+      for (int i = 0; i < kN; ++i) acc[i] = fma(Vec::load(w + i * k * d + c), bv, acc[i]);
+    }
+    for (; c < d; ++c)
+      for (int i = 0; i < kN; ++i) tail[i] += w[i * k * d + c] * b[c];
+  }
+  for (int i = 0; i < kN; ++i) z[i] = tail[i] + sum_lanes(acc[i]);
+}
+
+void gate_norm(const GateNormParams& p, int64_t begin, int64_t end) {
+  const int64_t k = p.k, d = p.d;
+  float small[8];
+  std::vector<float> large(k > 8 ? k : 0);
+  float* z = k > 8 ? large.data() : small;
+  for (int64_t r = begin; r < end; ++r) {
+    int64_t i0 = 0;
+    for (; i0 + 4 <= k; i0 += 4) gate_logits<4>(p, r, i0, z + i0);
+    if (k - i0 == 3) gate_logits<3>(p, r, i0, z + i0);
+    if (k - i0 == 2) gate_logits<2>(p, r, i0, z + i0);
+    if (k - i0 == 1) gate_logits<1>(p, r, i0, z + i0);
+    const float top = *std::max_element(z, z + k);
+    float total = 0.0f;
+    for (int64_t i = 0; i < k; ++i) total += (z[i] = std::exp(z[i] - top));
+    for (int64_t i = 0; i < k; ++i) z[i] /= total;
+    float* out = p.out + r * d;
+    const float* h = p.h + r * p.h_sr;
+    int64_t c = 0;
+    for (; c + W <= d; c += W) {
+      Vec o = Vec::load(h + c);
+      for (int64_t i = 0; i < k; ++i) o = fma(Vec::bcast(z[i]), Vec::load(p.branches[i] + r * p.branch_sr[i] + c), o);
+      o.store(out + c);
+    }
+    for (; c < d; ++c) {
+      float o = h[c];
+      for (int64_t i = 0; i < k; ++i) o += z[i] * p.branches[i][r * p.branch_sr[i] + c];
+      out[c] = o;
+    }
+    norm_row(out, d, p.norm_weight, p.norm_bias, p.eps);
+  }
+}
+
+void residual_norm(float* out, const float* res, int64_t rows, int64_t d, const float* weight, const float* bias,
+                   float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = out + r * d;
+    const float* x = res + r * d;
+    int64_t c = 0;
+    for (; c + W <= d; c += W) (Vec::load(o + c) + Vec::load(x + c)).store(o + c);
+    for (; c < d; ++c) o[c] += x[c];
+    norm_row(o, d, weight, bias, eps);
+  }
 }
 
 void run(const ConvStepParams& p, int64_t begin, int64_t end) {
@@ -149,7 +251,7 @@ namespace m2rec_mamba_step {
 #endif
 
 const ConvStepKernelTable* M2REC_CONV_STEP_KERNELS_FN() {
-  static const ConvStepKernelTable table = {M2REC_ISA_NAME, W, &run, &rows_gemm, &gelu};
+  static const ConvStepKernelTable table = {M2REC_ISA_NAME, W, &run, &rows_gemm, &gelu, &gate_norm, &residual_norm};
   return &table;
 }
 

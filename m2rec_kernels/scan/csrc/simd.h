@@ -403,6 +403,19 @@ inline Vec sigmoid(Vec x) {
   return one / (one + exp(Vec::zero() - x));
 }
 
+// The sum of a vector's lanes by pairwise halving, the same order whatever the caller.
+inline float sum_lanes(Vec v) {
+#if defined(M2REC_ISA_AVX512)
+  return _mm512_reduce_add_ps(v.v);  // shuffles in registers (a store and scalar reloads stall)
+#else
+  alignas(64) float t[Vec::W];
+  v.store(t);
+  for (int half = Vec::W / 2; half >= 1; half /= 2)
+    for (int i = 0; i < half; ++i) t[i] += t[i + half];
+  return t[0];
+#endif
+}
+
 // W lanes from p, of which the first ``lanes`` are real (the rest read as 0, never out of bounds), and
 // the store that writes only those lanes: the tails of channel loops.
 inline Vec load_n(const float* p, int lanes) {

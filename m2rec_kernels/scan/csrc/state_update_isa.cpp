@@ -25,18 +25,6 @@ using m2rec_state_update::StateUpdateParams;
 constexpr int W = Vec::W;
 
 
-inline float sum_lanes(Vec v) {  // pairwise halving, the same order whatever the caller
-#if defined(M2REC_ISA_AVX512)
-  return _mm512_reduce_add_ps(v.v);  // shuffles in registers (a store and scalar reloads stall)
-#else
-  alignas(64) float t[W];
-  v.store(t);
-  for (int half = W / 2; half >= 1; half /= 2)
-    for (int i = 0; i < half; ++i) t[i] += t[i + half];
-  return t[0];
-#endif
-}
-
 // delta[d] and gate[d] of one batch row, W channels at a time.
 void row_prologue(const StateUpdateParams& p, int64_t b, float* delta, float* gate) {
   const float* dt = p.dt + b * p.dt_sb;

@@ -13,8 +13,12 @@ two gradient products are taken at once, and only (rows, d) and (classes, d) gra
 
 This is the technique of "fused linear cross-entropy" as in Liger Kernel (Hsu et al. 2024,
 arXiv 2410.10989) and Cut Cross-Entropy (Wijmans et al. 2024, arXiv 2411.09009), written here for
-the CPU with ATen ops. On other devices (and while torch.compile/export traces, where Inductor fuses
-the plain form itself) the plain form runs: the chunked one is unmeasured on a GPU.
+the CPU with ATen ops. For fp32 work (fp32, fp16 and bf16 inputs) each chunk's loss and softmax minus
+one-hot come from one compiled pass per row (``m2rec_kernels/softmax_xent_cpu.py``) instead of
+log_softmax, gather, exp_ and scatter_add_ when the CPU library is built: 345 → 70 µs per 64 × 3706
+chunk, and the loss above 146 → 114 ms (one Zen 4 core, interleaved). On other devices (and while
+torch.compile/export traces, where Inductor fuses the plain form itself) the plain form runs: the
+chunked one is unmeasured on a GPU.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from m2rec_kernels._checks import tracing
+from m2rec_kernels.softmax_xent_cpu import cpu_xent_unavailable, softmax_xent_rows_
 
 #: bytes of one chunk's logits: about one core's L2 cache (1 MB on Zen 4; 1.25–2 MB on recent Intel)
 _CHUNK_BYTES = 1 << 20
@@ -60,6 +65,9 @@ def _chunked(hidden, table, targets, ignore_index, want_hidden: bool, want_table
     grad_w = torch.zeros_like(w) if want_table else None
     total = torch.zeros((), dtype=torch.float64)
     step = rows_per_chunk(w.shape[0], w.element_size())
+    want_grad = grad_h is not None or grad_w is not None
+    # the compiled softmax cross-entropy (m2rec_kernels/softmax_xent_cpu.py) for fp32 work, else ATen's ops
+    compiled = work == torch.float32 and cpu_xent_unavailable() is None
     w_t = w.t()
     for start in range(0, n_kept, step):
         if rows is None:
@@ -68,13 +76,18 @@ def _chunked(hidden, table, targets, ignore_index, want_hidden: bool, want_table
         else:
             pick = rows[start:start + step]
             h_c, t_c = h.index_select(0, pick), targets.index_select(0, pick)
-        t_c = t_c.long().unsqueeze(1)
-        log_p = torch.log_softmax(torch.mm(h_c, w_t), dim=1)
-        total -= log_p.gather(1, t_c).sum(dtype=torch.float64)
-        if grad_h is None and grad_w is None:
+        if compiled:  # one pass per row: the row's loss, and softmax - onehot over the logits in place
+            d_logits = torch.mm(h_c, w_t)
+            total += softmax_xent_rows_(d_logits, t_c, want_grad).sum()
+        else:
+            t_c = t_c.long().unsqueeze(1)
+            log_p = torch.log_softmax(torch.mm(h_c, w_t), dim=1)
+            total -= log_p.gather(1, t_c).sum(dtype=torch.float64)
+            if want_grad:
+                d_logits = log_p.exp_()                                              # softmax ...
+                d_logits.scatter_add_(1, t_c, d_logits.new_full(t_c.shape, -1.0))    # ... minus one-hot
+        if not want_grad:
             continue
-        d_logits = log_p.exp_()                                              # softmax ...
-        d_logits.scatter_add_(1, t_c, d_logits.new_full(t_c.shape, -1.0))    # ... minus one-hot
         if grad_h is not None:
             if rows is None:
                 torch.mm(d_logits, w, out=grad_h[pick])

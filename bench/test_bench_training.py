@@ -26,7 +26,7 @@ PROCESSES = (1, 2)
 def test_train_step(benchmark, grid, bench_dev, not_run, name, backend, L, batch):
     fn = prepare_model_row(benchmark, not_run, grid, bench_dev, "training", name, backend, L, batch,
                            train_step_call)
-    run_timed(benchmark, fn, bench_dev, grid)
+    run_timed(benchmark, fn, bench_dev, grid, target_s=grid.training_target_s)
 
 
 @pytest.mark.parametrize("processes", PROCESSES, ids=[f"{n}proc" for n in PROCESSES])

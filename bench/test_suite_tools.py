@@ -232,3 +232,5 @@ def test_fast_calls_repeat_within_a_round_and_slow_ones_do_not():
     assert iterations * 0.001 >= MIN_ROUND_S and rounds == CPU.max_rounds
     assert plan_rounds(0.5, CPU) == (CPU.min_rounds, 1)  # slow: one call per round, the minimum rounds
     assert plan_rounds(0.05, CPU) == (20, 1)  # 1 s of 50 ms calls
+    # the training rows' own, longer target: 4 s of 0.3 s steps
+    assert plan_rounds(0.3, CPU, CPU.training_target_s) == (14, 1)

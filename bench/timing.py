@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -32,8 +32,10 @@ def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[],
     return call
 
 
-def run_timed(benchmark, fn: Callable[[], object], device: torch.device, grid: Grid) -> None:
-    """Warm up ``fn`` and time it with ``benchmark`` (once, untimed, when benchmarks are disabled)."""
+def run_timed(benchmark, fn: Callable[[], object], device: torch.device, grid: Grid,
+              target_s: Optional[float] = None) -> None:
+    """Warm up ``fn`` and time it with ``benchmark`` (once, untimed, when benchmarks are disabled),
+    for about ``target_s`` seconds (default: the grid's)."""
     call = synchronized(fn, device)
     if getattr(benchmark, "disabled", False) or grid.max_rounds <= 1:
         benchmark.pedantic(call, rounds=1, iterations=1, warmup_rounds=0)
@@ -41,11 +43,12 @@ def run_timed(benchmark, fn: Callable[[], object], device: torch.device, grid: G
     t0 = time.perf_counter()
     call()  # first call: one-time costs
     once = time.perf_counter() - t0
-    if once < 0.25 * grid.target_s:  # cheap enough to afford a cleaner estimate
+    target_s = grid.target_s if target_s is None else target_s
+    if once < 0.25 * target_s:  # cheap enough to afford a cleaner estimate
         t0 = time.perf_counter()
         call()
         once = time.perf_counter() - t0
-    rounds, iterations = plan_rounds(once, grid)
+    rounds, iterations = plan_rounds(once, grid, target_s)
     benchmark.extra_info["rounds_chosen"] = rounds
     benchmark.extra_info["iterations_chosen"] = iterations
     benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=0)
@@ -57,10 +60,12 @@ def run_timed(benchmark, fn: Callable[[], object], device: torch.device, grid: G
 MIN_ROUND_S = 0.02
 
 
-def plan_rounds(once: float, grid: Grid) -> tuple:
+def plan_rounds(once: float, grid: Grid, target_s: Optional[float] = None) -> tuple:
     """(rounds, calls per round) for a call that took ``once`` seconds: rounds of at least
-    ``MIN_ROUND_S``, as many as fill the grid's time target, clamped to [min_rounds, max_rounds]."""
+    ``MIN_ROUND_S``, as many as fill ``target_s`` (default: the grid's time target), clamped to
+    [min_rounds, max_rounds]."""
     once = max(once, 1e-6)
+    target_s = grid.target_s if target_s is None else target_s
     iterations = max(1, math.ceil(MIN_ROUND_S / once))
-    rounds = int(min(grid.max_rounds, max(grid.min_rounds, math.ceil(grid.target_s / (once * iterations)))))
+    rounds = int(min(grid.max_rounds, max(grid.min_rounds, math.ceil(target_s / (once * iterations)))))
     return rounds, iterations

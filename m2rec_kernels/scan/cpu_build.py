@@ -9,7 +9,8 @@ is up to date, so a first call never compiles. The result goes to ``m2rec_kernel
   one-step scan for streaming, in ``csrc/state_update_ops.cpp``; ``ring_filter_step``, the causal filter's
   streaming step, in ``csrc/ring_filter_ops.cpp``; ``mamba_step``, MambaMixer's whole streaming step in one
   call, in ``csrc/mamba_step_ops.cpp``; ``fusion_ffn_step``, the M2Rec layer's gate, LayerNorm and
-  FFN at one position, in ``csrc/fusion_step_ops.cpp``) and
+  FFN at one position, in ``csrc/fusion_step_ops.cpp``; ``softmax_xent_rows``, the training loss's
+  per-chunk softmax cross-entropy and its gradient, in ``csrc/softmax_xent_ops.cpp``) and
   ``torch.ops.m2rec_conv_cpu.*`` (``csrc/conv_ops.cpp``, used by ``m2rec_kernels.conv``) linked with one
   object per ISA variant of the kernels (``csrc/scan_isa.cpp``, ``csrc/conv_isa.cpp`` compiled with that ISA's flags, the way
   ATen builds its CPU kernels once per CPU_CAPABILITY): ``avx512`` and ``avx2`` on x86-64, and
@@ -47,11 +48,12 @@ LIB_NAME = "m2rec_scan_cpu"
 SOURCES = ("scan_api.h", "simd.h", "scan_isa.cpp", "scan_ops.cpp", "cpu_isa.h", "conv_api.h", "conv_isa.cpp",
            "conv_ops.cpp", "state_update_api.h", "state_update_isa.cpp", "state_update_ops.cpp", "ring_filter_api.h",
            "ring_filter_isa.cpp", "ring_filter_ops.cpp", "mamba_step_api.h", "mamba_step_isa.cpp", "mamba_step_ops.cpp",
-           "fusion_step_ops.cpp")
+           "fusion_step_ops.cpp", "softmax_xent_api.h", "softmax_xent_isa.cpp", "softmax_xent_ops.cpp")
 #: per-ISA kernel files (no torch header, compiled with plain c++) and the torch-facing ops files
-KERNEL_SOURCES = ("scan_isa.cpp", "conv_isa.cpp", "state_update_isa.cpp", "ring_filter_isa.cpp", "mamba_step_isa.cpp")
+KERNEL_SOURCES = ("scan_isa.cpp", "conv_isa.cpp", "state_update_isa.cpp", "ring_filter_isa.cpp", "mamba_step_isa.cpp",
+                  "softmax_xent_isa.cpp")
 OPS_SOURCES = ("scan_ops.cpp", "conv_ops.cpp", "state_update_ops.cpp", "ring_filter_ops.cpp", "mamba_step_ops.cpp",
-               "fusion_step_ops.cpp")
+               "fusion_step_ops.cpp", "softmax_xent_ops.cpp")
 
 # Flags per ISA variant of scan_isa.cpp. AVX-512 needs F/DQ/BW/VL and FMA, the set torch's own AVX512
 # capability requires (so ATEN_CPU_CAPABILITY=avx512 never picks it on a CPU without them).

@@ -14,19 +14,13 @@ from typing import Optional
 
 import torch
 
-from .scan.cpu import cpu_scan_status
+from .scan.cpu import cpu_scan_status, library_op_unavailable
 
 
 @torch.compiler.assume_constant_result  # loaded once per process: torch.compile takes the answer as given
 def cpu_xent_unavailable() -> Optional[str]:
     """None when the compiled softmax cross-entropy can run here, else the reason."""
-    status = cpu_scan_status()
-    if not status.available:
-        return status.reason
-    if not hasattr(torch.ops.m2rec_scan_cpu, "softmax_xent_rows"):
-        return (f"{status.library} has no softmax cross-entropy kernel "
-                "(rebuild: python -m m2rec_kernels.scan.cpu_build --force)")
-    return None
+    return library_op_unavailable("m2rec_scan_cpu", "softmax_xent_rows", "softmax cross-entropy kernel")
 
 
 def softmax_xent_rows_(logits: torch.Tensor, targets: torch.Tensor, grad: bool,

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..scan.cpu import ISA_CODES, cpu_scan_status
+from ..scan.cpu import ISA_CODES, cpu_scan_status, library_op_unavailable
 
 #: dtypes the compiled kernel takes (computed in fp32); fp64 stays on the reference.
 CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -23,12 +23,7 @@ CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @torch.compiler.assume_constant_result  # loaded once per process: torch.compile takes the answer as given
 def cpu_conv_unavailable() -> Optional[str]:
     """None when ``backend="cpu"`` can run the compiled conv here, else the reason."""
-    status = cpu_scan_status()
-    if not status.available:
-        return status.reason
-    if not hasattr(torch.ops.m2rec_conv_cpu, "forward"):
-        return f"{status.library} has no conv1d kernels (rebuild: python -m m2rec_kernels.scan.cpu_build --force)"
-    return None
+    return library_op_unavailable("m2rec_conv_cpu", "forward", "conv1d kernels")
 
 
 class CausalConv1dCpuFn(torch.autograd.Function):

@@ -43,7 +43,7 @@ def weighted_sum(window: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
 
 def _compiled_step_unavailable(history, x, kernel) -> Optional[str]:
     """None when the compiled step can run on these tensors, else why not."""
-    from ..scan.cpu import cpu_scan_status
+    from ..scan.cpu import library_op_unavailable
 
     if history.device.type != "cpu":
         return "the tensors are not on the CPU"
@@ -51,12 +51,7 @@ def _compiled_step_unavailable(history, x, kernel) -> Optional[str]:
         return "it takes float32 history, input and kernel"
     if history.shape[2] > 1 and history.stride(2) != 1:
         return "it takes a history with unit stride along d"
-    status = cpu_scan_status()
-    if not status.available:
-        return status.reason
-    if not hasattr(torch.ops.m2rec_scan_cpu, "ring_filter_step"):
-        return f"{status.library} has no ring filter step (rebuild: python -m m2rec_kernels.scan.cpu_build --force)"
-    return None
+    return library_op_unavailable("m2rec_scan_cpu", "ring_filter_step", "ring filter step")
 
 
 def ring_filter_step(history: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, positions: torch.Tensor,
@@ -94,9 +89,9 @@ def causal_filter_last(x: torch.Tensor, kernel: torch.Tensor, lengths: torch.Ten
         return None
     if x.shape[2] > 1 and x.stride(2) != 1:
         return None
-    from ..scan.cpu import cpu_scan_status
+    from ..scan.cpu import library_op_unavailable
 
-    if not cpu_scan_status().available or not hasattr(torch.ops.m2rec_scan_cpu, "causal_filter_last"):
+    if library_op_unavailable("m2rec_scan_cpu", "causal_filter_last", "causal filter at the last position"):
         return None
     return torch.ops.m2rec_scan_cpu.causal_filter_last(x, kernel, lengths)
 

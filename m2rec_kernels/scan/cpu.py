@@ -117,6 +117,17 @@ def cpu_scan_unavailable() -> Optional[str]:
     return None if st.available else st.reason
 
 
+def library_op_unavailable(namespace: str, op: str, what: str) -> Optional[str]:
+    """None when the loaded library holds ``torch.ops.<namespace>.<op>``, else why not (the library's
+    own reason, or that it predates ``what``: a library built before a kernel was added)."""
+    status = cpu_scan_status()
+    if not status.available:
+        return status.reason
+    if not hasattr(getattr(torch.ops, namespace), op):
+        return f"{status.library} has no {what} (rebuild: python -m m2rec_kernels.scan.cpu_build --force)"
+    return None
+
+
 def reset_cpu_scan_status() -> None:
     """Forget the load result (tests that simulate a missing build)."""
     global _status

@@ -115,6 +115,19 @@ class Scorer(torch.nn.Module):
         return self.model.scores(item_seq, lengths)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_scores_trace_whole_for_serving(mode):
+    """``scores`` as served (no autograd, a batch of several users: the shape at which eager takes
+    the packed catalogue product) traces as one graph, and the graph gives eager's scores. Dynamo
+    alone (backend "eager"): a graph break is what this looks for, and it needs no Inductor build."""
+    model = _model().eval()
+    items, lengths, _ = _batch()
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    compiled = torch.compile(Scorer(model), fullgraph=True, backend="eager")
+    with context():
+        assert_close(compiled(items, lengths), model.scores(items, lengths), rtol=1e-5, atol=1e-6)
+
+
 def test_exported_scores_equal_eager_and_keep_the_checks():
     model = _model(dropout=0.2).eval()
     items, lengths, _ = _batch()

@@ -65,12 +65,13 @@ def _packed_product(hidden: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 def _packable(hidden: torch.Tensor, table: torch.Tensor) -> bool:
-    return (hidden.dim() == 2 and hidden.shape[0] > 1 and hidden.dtype == torch.float32
+    # tracing first: torch.compile cannot trace is_inference() (a graph break, an error with fullgraph)
+    return (not tracing() and hidden.dim() == 2 and hidden.shape[0] > 1 and hidden.dtype == torch.float32
             and table.dtype == torch.float32 and hidden.is_cpu and table.is_cpu
             and hidden.shape[1] == table.shape[1]
             and not (torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad))
             and not table.is_inference() and torch._C._get_mkldnn_enabled()  # (what mkldnn.flags sets)
-            and not tracing() and packed_product_unavailable() is None)
+            and packed_product_unavailable() is None)
 
 
 def catalogue_product(owner: nn.Module, hidden: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,9 @@ namespace m2rec_conv {
 namespace {
 
 const ConvKernelTable* table(int64_t isa) {
-  const ConvKernelTable* t = m2rec_cpu::variant_table(isa, M2REC_AVX512_OR_NULL(conv_kernels_avx512), M2REC_AVX2_OR_NULL(conv_kernels_avx2),
-                                 &conv_kernels_generic);
-  TORCH_CHECK(t != nullptr, "m2rec_conv_cpu: ISA variant ", isa, " is not in this build or not supported by this CPU");
-  return t;
+  return m2rec_cpu::required_variant_table("m2rec_conv_cpu", isa, M2REC_AVX512_OR_NULL(conv_kernels_avx512),
+                                           M2REC_AVX2_OR_NULL(conv_kernels_avx2),
+                                           &conv_kernels_generic);
 }
 
 // A (batch, dim, L) sequence tensor is time-major when its channels have unit stride (the transpose of

@@ -4,6 +4,8 @@
 
 #include <stdint.h>
 
+#include <c10/util/Exception.h>
+
 namespace m2rec_cpu {
 
 enum Isa : int64_t { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -43,6 +45,16 @@ const Table* variant_table(int64_t isa, const Table* (*avx512)(), const Table* (
   if (!cpu_has(isa)) return nullptr;
   const Table* (*get)() = isa == kAvx512 ? avx512 : isa == kAvx2 ? avx2 : isa == kGeneric ? generic : nullptr;
   return get != nullptr ? get() : nullptr;
+}
+
+// variant_table, or an error naming ``op`` when that variant is not in this library or the CPU lacks
+// its instructions.
+template <typename Table>
+const Table* required_variant_table(const char* op, int64_t isa, const Table* (*avx512)(), const Table* (*avx2)(),
+                                    const Table* (*generic)()) {
+  const Table* t = variant_table(isa, avx512, avx2, generic);
+  TORCH_CHECK(t != nullptr, op, ": ISA variant ", isa, " is not in this build or not supported by this CPU");
+  return t;
 }
 
 }  // namespace m2rec_cpu

@@ -29,10 +29,9 @@ using m2rec_state_update::StateUpdateParams;
 constexpr const char* kOp = "m2rec_scan_cpu.mamba_step";
 
 const m2rec_state_update::StateUpdateKernelTable* update_table(int64_t isa) {
-  const m2rec_state_update::StateUpdateKernelTable* t = m2rec_cpu::variant_table(isa, M2REC_AVX512_OR_NULL(m2rec_state_update::state_update_kernels_avx512), M2REC_AVX2_OR_NULL(m2rec_state_update::state_update_kernels_avx2),
-                                 &m2rec_state_update::state_update_kernels_generic);
-  TORCH_CHECK(t != nullptr, kOp, ": ISA variant ", isa, " is not in this build or not supported by this CPU");
-  return t;
+  return m2rec_cpu::required_variant_table(kOp, isa, M2REC_AVX512_OR_NULL(m2rec_state_update::state_update_kernels_avx512),
+                                           M2REC_AVX2_OR_NULL(m2rec_state_update::state_update_kernels_avx2),
+                                           &m2rec_state_update::state_update_kernels_generic);
 }
 
 void check_f32(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape) {
@@ -157,10 +156,9 @@ void rows_gemm_parallel(const ConvStepKernelTable* k, const RowsGemmParams& g, i
 }
 
 const ConvStepKernelTable* conv_step_table(int64_t isa, const char* op) {
-  const ConvStepKernelTable* t = m2rec_cpu::variant_table(isa, M2REC_AVX512_OR_NULL(conv_step_kernels_avx512), M2REC_AVX2_OR_NULL(conv_step_kernels_avx2),
-                                 &conv_step_kernels_generic);
-  TORCH_CHECK(t != nullptr, op, ": ISA variant ", isa, " is not in this build or not supported by this CPU");
-  return t;
+  return m2rec_cpu::required_variant_table(op, isa, M2REC_AVX512_OR_NULL(conv_step_kernels_avx512),
+                                           M2REC_AVX2_OR_NULL(conv_step_kernels_avx2),
+                                           &conv_step_kernels_generic);
 }
 
 }  // namespace m2rec_mamba_step

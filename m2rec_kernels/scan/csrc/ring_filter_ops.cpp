@@ -16,11 +16,9 @@ namespace m2rec_ring_filter {
 namespace {
 
 const RingFilterKernelTable* table(int64_t isa) {
-  const RingFilterKernelTable* t = m2rec_cpu::variant_table(isa, M2REC_AVX512_OR_NULL(ring_filter_kernels_avx512), M2REC_AVX2_OR_NULL(ring_filter_kernels_avx2),
-                                 &ring_filter_kernels_generic);
-  TORCH_CHECK(t != nullptr, "m2rec_scan_cpu.ring_filter_step: ISA variant ", isa,
-              " is not in this build or not supported by this CPU");
-  return t;
+  return m2rec_cpu::required_variant_table("m2rec_scan_cpu.ring_filter_step", isa, M2REC_AVX512_OR_NULL(ring_filter_kernels_avx512),
+                                           M2REC_AVX2_OR_NULL(ring_filter_kernels_avx2),
+                                           &ring_filter_kernels_generic);
 }
 
 at::Tensor ring_filter_step_op(const at::Tensor& history, const at::Tensor& x, const at::Tensor& taps,

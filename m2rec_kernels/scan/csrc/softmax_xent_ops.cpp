@@ -15,11 +15,9 @@ namespace m2rec_xent {
 namespace {
 
 const XentKernelTable* table(int64_t isa) {
-  const XentKernelTable* t = m2rec_cpu::variant_table(isa, M2REC_AVX512_OR_NULL(xent_kernels_avx512),
-                                                      M2REC_AVX2_OR_NULL(xent_kernels_avx2), &xent_kernels_generic);
-  TORCH_CHECK(t != nullptr, "m2rec_scan_cpu.softmax_xent_rows: ISA variant ", isa,
-              " is not in this build or not supported by this CPU");
-  return t;
+  return m2rec_cpu::required_variant_table("m2rec_scan_cpu.softmax_xent_rows", isa, M2REC_AVX512_OR_NULL(xent_kernels_avx512),
+                                           M2REC_AVX2_OR_NULL(xent_kernels_avx2),
+                                           &xent_kernels_generic);
 }
 
 // (rows,) float64 losses logsumexp(logits[r]) - logits[r][targets[r]]; with grad, logits is overwritten

@@ -20,11 +20,9 @@ namespace m2rec_state_update {
 namespace {
 
 const StateUpdateKernelTable* table(int64_t isa) {
-  const StateUpdateKernelTable* t = m2rec_cpu::variant_table(isa, M2REC_AVX512_OR_NULL(state_update_kernels_avx512), M2REC_AVX2_OR_NULL(state_update_kernels_avx2),
-                                 &state_update_kernels_generic);
-  TORCH_CHECK(t != nullptr, "m2rec_scan_cpu.state_update: ISA variant ", isa,
-              " is not in this build or not supported by this CPU");
-  return t;
+  return m2rec_cpu::required_variant_table("m2rec_scan_cpu.state_update", isa, M2REC_AVX512_OR_NULL(state_update_kernels_avx512),
+                                           M2REC_AVX2_OR_NULL(state_update_kernels_avx2),
+                                           &state_update_kernels_generic);
 }
 
 // fp32 with unit stride along the last axis: t itself when it already is (a slice of in_proj's or

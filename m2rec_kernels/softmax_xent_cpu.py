@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .scan.cpu import cpu_scan_status, library_op_unavailable
+from .scan.cpu import _isa_code, library_op_unavailable
 
 
 @torch.compiler.assume_constant_result  # loaded once per process: torch.compile takes the answer as given
@@ -28,7 +28,4 @@ def softmax_xent_rows_(logits: torch.Tensor, targets: torch.Tensor, grad: bool,
     """Per-row losses (rows,) in float64; with ``grad``, ``logits`` becomes softmax - onehot in place.
     The kernel checks the arguments (fp32 CPU logits with unit stride along classes, integer targets in
     range). ``isa`` overrides the variant (tests)."""
-    from .scan.cpu import ISA_CODES
-
-    status = cpu_scan_status()  # loads the library
-    return torch.ops.m2rec_scan_cpu.softmax_xent_rows(logits, targets, grad, ISA_CODES[isa or status.isa])
+    return torch.ops.m2rec_scan_cpu.softmax_xent_rows(logits, targets, grad, _isa_code(isa))

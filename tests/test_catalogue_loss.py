@@ -118,3 +118,15 @@ def test_chunk_rows():
     assert rows_per_chunk(10 ** 6, 4) == 16       # a huge catalogue: never below 16 rows
     assert rows_per_chunk(10, 4) == 512           # a tiny one: at most 512
     assert all(rows_per_chunk(c, 8) % 16 == 0 for c in (7, 53, 3706, 99991))
+
+
+def test_traced_loss_takes_the_plain_form_in_one_graph():
+    """Under torch.compile the chunked form (which reads the number of kept rows) would break the
+    graph: the traced call takes ``F.cross_entropy``, one graph (Dynamo only, no Inductor build), and
+    gives the same loss and gradients."""
+    hidden, table, targets = _inputs(37, 53, 48, torch.float64, 0.3)
+    compiled = torch.compile(catalogue_cross_entropy, fullgraph=True, backend="eager")
+    got = _loss_and_grads(compiled, hidden, table, targets)
+    want = _loss_and_grads(_reference, hidden, table, targets)
+    for g, w in zip(got, want):
+        assert_close(g, w, rtol=1e-10, atol=1e-12)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..scan.cpu import ISA_CODES, cpu_scan_status, library_op_unavailable
+from ..scan.cpu import _isa_code, library_op_unavailable
 
 #: dtypes the compiled kernel takes (computed in fp32); fp64 stays on the reference.
 CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -45,5 +45,4 @@ class CausalConv1dCpuFn(torch.autograd.Function):
 
 def causal_conv1d_cpu(x, weight, bias, silu: bool, isa: Optional[str] = None):
     """The compiled conv (inputs already validated by the public op). ``isa`` overrides the variant."""
-    status = cpu_scan_status()  # loads the library
-    return CausalConv1dCpuFn.apply(x, weight, bias, silu, ISA_CODES[isa or status.isa])
+    return CausalConv1dCpuFn.apply(x, weight, bias, silu, _isa_code(isa))
